@@ -1,0 +1,266 @@
+"""HeadKVCache: a transformers `Cache` in which every (sequence, layer, head) keeps only its own tokens.
+
+Layout of one layer (see the README's diagram): one pool of key rows and one of value rows, `[N, head_dim]`,
+and a position per row. Head (b, h) owns rows `base[b, h] .. base[b, h] + capacity[b, h]`, of which the first
+`length[b, h]` are written. Inside them a token at position p lives at slot
+
+    p                  if p < S          sinks, pinned
+    S + (p - S) mod W  otherwise         the window, a ring overwritten in place
+
+(full heads: W unbounded, so slot = p; pruned heads own no rows). Capacity grows by doubling, capped at S + W,
+so appends are amortised O(1) and nothing is copied per step once a window head is full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+
+from headkv_engine import ops
+from headkv_engine.profile import Profile
+
+
+@dataclass
+class LayerStore:
+    """The ragged K/V storage of one layer (all tensors on the layer's device)."""
+
+    k_pool: torch.Tensor  # [N, D]
+    v_pool: torch.Tensor  # [N, D]
+    pos_pool: torch.Tensor  # [N] int64, absolute position of each written row
+    base: torch.Tensor  # [B, H] int64, first row of each head
+    capacity: torch.Tensor  # [B, H] int64, rows owned
+    length: torch.Tensor  # [B, H] int64, rows written (= tokens kept)
+    sink_size: torch.Tensor  # [H] int64
+    window_size: torch.Tensor  # [H] int64 (full heads: UNBOUNDED_WINDOW, pruned: 0)
+    fill: torch.Tensor | None  # [H, D] float32, output of heads that see nothing
+
+    @property
+    def max_kept(self) -> torch.Tensor:
+        return self.sink_size + self.window_size  # [H]
+
+    def kept_after(self, seen: torch.Tensor) -> torch.Tensor:
+        """Tokens kept per head once `seen` [B] tokens have been stored: [B, H]."""
+        return torch.minimum(seen[:, None], self.max_kept[None, :])
+
+    def reserve(self, needed: torch.Tensor) -> None:
+        """Make capacity >= needed [B, H], doubling (capped at S + W) and moving the written rows."""
+        if bool((needed <= self.capacity).all()):
+            return
+        grown = torch.maximum(needed, 2 * self.capacity)
+        new_capacity = torch.where(needed > self.capacity, torch.minimum(grown, self.max_kept[None, :]), self.capacity)
+        new_base = (torch.cumsum(new_capacity.flatten(), 0) - new_capacity.flatten()).view_as(new_capacity)
+        rows = int(new_capacity.sum())
+        k_pool = self.k_pool.new_empty(rows, self.k_pool.shape[1])
+        v_pool = self.v_pool.new_empty(rows, self.v_pool.shape[1])
+        pos_pool = self.pos_pool.new_full((rows,), -1)
+        # Written rows keep their slot: copy rows [base, base + length) of every head to the new base.
+        counts = self.length.flatten()
+        if int(counts.sum()) > 0:
+            head_start = torch.cumsum(counts, 0) - counts
+            offset = torch.arange(int(counts.sum()), device=counts.device) - torch.repeat_interleave(head_start, counts)
+            src = torch.repeat_interleave(self.base.flatten(), counts) + offset
+            dst = torch.repeat_interleave(new_base.flatten(), counts) + offset
+            k_pool[dst] = self.k_pool[src]
+            v_pool[dst] = self.v_pool[src]
+            pos_pool[dst] = self.pos_pool[src]
+        self.k_pool, self.v_pool, self.pos_pool = k_pool, v_pool, pos_pool
+        self.base, self.capacity = new_base, new_capacity
+
+    def nbytes(self) -> int:
+        return self.k_pool.numel() * self.k_pool.element_size() + self.v_pool.numel() * self.v_pool.element_size()
+
+
+class HeadKVCache(Cache):
+    """A ragged per-head KV cache driven by a `Profile`; created by a patched model's forward.
+
+    `get_seq_length()` counts input columns (padding included), as transformers' generation expects;
+    positions, windows and sinks count each sequence's real tokens only (left padding is never stored).
+    """
+
+    def __init__(self, profile: Profile, position_mode: str = "absolute", backend: str = "auto"):
+        super().__init__(layers=[])
+        if position_mode not in ("absolute", "shifted"):
+            raise ValueError(f"position_mode must be 'absolute' or 'shifted', got {position_mode!r}")
+        self.profile = profile
+        self.position_mode = position_mode
+        self.backend = backend
+        self.stores: list[LayerStore | None] = [None] * profile.num_layers
+        self.seen: torch.Tensor | None = None  # [B] real tokens stored per sequence (CPU)
+        self.columns = 0
+        self._positions: torch.Tensor | None = None  # [B, T] of the step being computed, -1 = padding
+        self._positions_on: dict[torch.device, torch.Tensor] = {}
+        self._policies: dict = {}
+
+    # --- the step protocol used by the patched model ------------------------------------------------------
+
+    def begin_step(self, num_tokens: int, batch_size: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Assign positions to a block of `num_tokens` new columns; returns them, [B, T] int64 (-1 = padding).
+
+        `attention_mask` holds the block's columns (1 = real token); padding may only precede real tokens.
+        """
+        if self.seen is None:
+            self.seen = torch.zeros(batch_size, dtype=torch.long)
+        elif self.seen.shape[0] != batch_size:
+            raise ValueError(f"batch size changed from {self.seen.shape[0]} to {batch_size} within one HeadKVCache")
+        if attention_mask is None:
+            real = torch.ones(batch_size, num_tokens, dtype=torch.long)
+        else:
+            real = attention_mask.detach().to("cpu", torch.long)
+            if real.shape != (batch_size, num_tokens):
+                raise ValueError(
+                    f"attention_mask must cover the new tokens: expected {(batch_size, num_tokens)}, got {tuple(real.shape)}"
+                )
+        counted = self.seen[:, None] + torch.cumsum(real, dim=1) - 1
+        positions = torch.where(real.bool(), counted, torch.full_like(counted, -1))
+        if bool(((positions[:, 1:] < positions[:, :-1]) & (positions[:, 1:] >= 0)).any()) or bool(
+            ((real[:, 1:] == 0) & (real[:, :-1] == 1)).any()
+        ):
+            raise ValueError("attention_mask: padding must come before the real tokens (left padding)")
+        self._positions = positions
+        self._positions_on = {positions.device: positions}
+        return positions
+
+    def end_step(self) -> None:
+        self.seen = self.seen + (self._positions >= 0).sum(dim=1)
+        self.columns += self._positions.shape[1]
+        self._positions = None
+        self._positions_on = {}
+
+    def positions_on(self, device) -> torch.Tensor:
+        device = torch.device(device)
+        if device not in self._positions_on:
+            self._positions_on[device] = self._positions.to(device)
+        return self._positions_on[device]
+
+    def sink_query_positions(self, layer_idx: int, device) -> torch.Tensor:
+        """Shifted mode: the rank each query takes in its head's kept cache, min(t, S+W-1): [B, H, T]."""
+        sink, window, _ = self._policy_tensors(layer_idx, device)
+        max_kept = sink + window
+        positions = self.positions_on(device)
+        return torch.minimum(positions[:, None, :], (max_kept - 1)[None, :, None]).clamp(min=0)
+
+    def _policy_tensors(self, layer_idx: int, device):
+        key = (layer_idx, torch.device(device))
+        if key not in self._policies:
+            self._policies[key] = self.profile.layer_tensors(layer_idx, device=device)
+        return self._policies[key]
+
+    def _store(self, layer_idx: int, key: torch.Tensor) -> LayerStore:
+        store = self.stores[layer_idx]
+        if store is None:
+            batch, heads, _, head_dim = key.shape
+            sink, window, fill = self._policy_tensors(layer_idx, key.device)
+            zeros = torch.zeros(batch, heads, dtype=torch.long, device=key.device)
+            store = LayerStore(
+                k_pool=key.new_empty(0, head_dim),
+                v_pool=key.new_empty(0, head_dim),
+                pos_pool=torch.empty(0, dtype=torch.long, device=key.device),
+                base=zeros,
+                capacity=zeros.clone(),
+                length=zeros.clone(),
+                sink_size=sink,
+                window_size=window,
+                fill=fill,
+            )
+            self.stores[layer_idx] = store
+        return store
+
+    def attend(self, layer_idx, query, key, value, *, scale, query_sink=None) -> torch.Tensor:
+        """Attention of the step's queries [B, H, T, D] under the profile, storing the step's keys/values.
+
+        Decode steps (one real token per sequence) append first and attend over the kept rows; blocks attend
+        over the kept rows plus themselves with the per-head masks, then keep what stays visible.
+        """
+        store = self._store(layer_idx, key)
+        positions = self.positions_on(key.device)
+        seen_after = self.seen.to(key.device) + (positions >= 0).sum(dim=1)
+        kept = store.kept_after(seen_after)
+        decode = key.shape[2] == 1 and bool((positions >= 0).all())
+        if decode:
+            store.reserve(kept)
+            self._append(store, key, value, positions)
+            store.length = kept
+            out = ops.decode_attention(
+                query[:, :, 0], store.k_pool, store.v_pool, store.base, store.length, scale=scale,
+                sink_size=store.sink_size, q_sink=None if query_sink is None else query_sink[:, :, 0],
+                fill=store.fill, backend=self.backend,
+            )
+            return out[:, :, None]
+        out = ops.prefill_attention(
+            query, key, value, positions, store.k_pool, store.v_pool, store.pos_pool, store.base, store.length,
+            store.sink_size, store.window_size, scale=scale, q_sink=query_sink, fill=store.fill, backend=self.backend,
+        )
+        store.reserve(kept)
+        self._append(store, key, value, positions)
+        store.length = kept
+        return out
+
+    def _append(self, store: LayerStore, key, value, positions) -> None:
+        if store.k_pool.shape[0] == 0:
+            return
+        ops.append(
+            store.k_pool, store.v_pool, store.pos_pool, store.base, key, value, positions,
+            store.sink_size, store.window_size, backend=self.backend,
+        )
+
+    # --- what users and transformers ask of a Cache -------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.profile.num_layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.columns
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.columns + query_length, 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.seen is not None
+
+    def kept_tokens(self, layer_idx: int) -> torch.Tensor:
+        """Tokens each (sequence, head) of the layer holds: LongTensor [batch, heads]."""
+        store = self.stores[layer_idx]
+        if store is None:
+            batch = 0 if self.seen is None else self.seen.shape[0]
+            return torch.zeros(batch, self.profile.num_heads, dtype=torch.long)
+        return store.length.clone()
+
+    def nbytes(self) -> int:
+        """Bytes of key/value storage really allocated, all layers (positions index not included)."""
+        return sum(store.nbytes() for store in self.stores if store is not None)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        raise NotImplementedError(
+            "HeadKVCache stores a ragged per-head layout and is driven by a model patched with "
+            "headkv_engine.patch_model; an unpatched model cannot update it"
+        )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("HeadKVCache does not support beam search (reorder_cache); use greedy or sampling")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("HeadKVCache cannot be cropped: evicted tokens are gone (assisted decoding is unsupported)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("HeadKVCache cannot be expanded after prefill; expand the inputs instead")
+
+    def reset(self) -> None:
+        self.stores = [None] * self.profile.num_layers
+        self.seen = None
+        self.columns = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"HeadKVCache(layers={self.profile.num_layers}, heads={self.profile.num_heads}, "
+            f"tokens={self.columns}, nbytes={self.nbytes()}, position_mode={self.position_mode!r})"
+        )

@@ -1,0 +1,121 @@
+"""GPTNeoX (Pythia) under a profile: the forwards that `patch_model` installs on the model's instances.
+
+`model_forward` replaces `GPTNeoXModel.forward` (transformers 5.x, modeling_gpt_neox.py): same embedding,
+rotary and layer loop, but positions count each sequence's real tokens, no dense [T, T] mask is built, and
+the cache is a `HeadKVCache`. `attention_forward` replaces `GPTNeoXAttention.forward`: the same projections
+and rotary embedding, then the ragged ops instead of `ALL_ATTENTION_FUNCTIONS`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb, rotate_half
+
+from headkv_engine.cache import HeadKVCache
+
+
+def base_model(model):
+    """The GPTNeoXModel inside a GPTNeoXForCausalLM (or the model itself)."""
+    return getattr(model, "gpt_neox", model)
+
+
+def attention_modules(model):
+    return [layer.attention for layer in base_model(model).layers]
+
+
+def rotate(x, cos, sin):
+    """Rotary embedding of the first cos.shape[-1] dims of x (GPTNeoX's partial rotary); cos/sin like x."""
+    rotary_dims = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dims], x[..., rotary_dims:]
+    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+def model_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    inputs_embeds=None,
+    cache=None,
+    use_cache=None,
+    output_hidden_states=None,
+    output_attentions=None,
+    past_key_values=None,
+    **kwargs,
+):
+    handle = self._headkv_patch
+    if (input_ids is None) ^ (inputs_embeds is not None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if output_attentions:
+        raise NotImplementedError("a patched model does not return attention weights (output_attentions=True)")
+    cache = cache if cache is not None else past_key_values
+    use_cache = self.config.use_cache if use_cache is None else use_cache
+    output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+    if inputs_embeds is None:
+        inputs_embeds = self.embed_in(input_ids)
+    batch, tokens = inputs_embeds.shape[:2]
+
+    if not isinstance(cache, HeadKVCache):
+        if isinstance(cache, Cache) and cache.get_seq_length() > 0:
+            raise ValueError(
+                f"a patched model continues only from a HeadKVCache, got a filled {type(cache).__name__}; "
+                "convert it with headkv_engine.methods.HeadAwareCompressor.compress"
+            )
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__}")
+        cache = HeadKVCache(handle.profile, position_mode=handle.position_mode, backend=handle.backend)
+    if cache.profile is not handle.profile:
+        cache.profile.check_model(self.config)
+    new_mask = None if attention_mask is None else attention_mask[:, -tokens:]
+    positions = cache.begin_step(tokens, batch, new_mask).to(inputs_embeds.device)
+    if position_ids is None or handle.position_mode == "shifted":
+        position_ids = positions.clamp(min=0)
+
+    hidden_states = self.emb_dropout(inputs_embeds)
+    position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+    all_hidden_states = (hidden_states,) if output_hidden_states else None
+    try:
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=None,
+                position_ids=position_ids,
+                layer_past=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+            )
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+    finally:
+        cache.end_step()
+    hidden_states = self.final_layer_norm(hidden_states)
+    if output_hidden_states:
+        all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+    return BaseModelOutputWithPast(
+        last_hidden_state=hidden_states, cache=cache if use_cache else None, hidden_states=all_hidden_states
+    )
+
+
+def attention_forward(self, hidden_states, attention_mask=None, layer_past=None, position_embeddings=None, **kwargs):
+    if not isinstance(layer_past, HeadKVCache):
+        raise RuntimeError("a patched GPTNeoX attention runs only inside its patched model's forward")
+    batch, tokens = hidden_states.shape[:2]
+    qkv = self.query_key_value(hidden_states).view(batch, tokens, -1, 3 * self.head_size).transpose(1, 2)
+    query, key, value = qkv.chunk(3, dim=-1)
+    cos, sin = position_embeddings
+    query_rot, key_rot = apply_rotary_pos_emb(query, key, cos, sin)
+    query_sink = None
+    if layer_past.position_mode == "shifted":
+        # Rotary scores depend on position differences only. In the kept cache a window key sits at the same
+        # distance from the query as in the sequence; a sink key at rank j sits at (query rank - j), so sinks
+        # are scored with the query rotated by its rank rather than its position.
+        ranks = layer_past.sink_query_positions(self.layer_idx, hidden_states.device)
+        rotary = self._headkv_rotary
+        cos_r, sin_r = rotary(hidden_states, position_ids=ranks.reshape(batch, -1))
+        shape = (batch, ranks.shape[1], tokens, cos_r.shape[-1])
+        query_sink = rotate(query, cos_r.view(shape).to(query.dtype), sin_r.view(shape).to(query.dtype))
+    out = layer_past.attend(self.layer_idx, query_rot, key_rot, value, scale=self.scaling, query_sink=query_sink)
+    out = out.transpose(1, 2).reshape(batch, tokens, -1)
+    return self.dense(out), None

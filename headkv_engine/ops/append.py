@@ -1,0 +1,68 @@
+"""append: write a block of new keys / values into the ragged per-head layout, in place.
+
+Row layout of head (b, h) with sink S and window W (full heads: W unbounded; pruned: nothing kept):
+
+    slot(p) = p                  for p < S         (sinks, pinned)
+    slot(p) = S + (p - S) mod W  for p >= S        (the window, a ring written in place)
+
+Of the block only the tokens still visible from its last position are written (a token the ring would
+overwrite within the same block is skipped), so the slots written are distinct. The caller guarantees
+capacity >= min(tokens seen, S + W).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headkv_engine.backends import load_cpu_extension, resolve_backend
+from headkv_engine.ops._checks import FLOAT_DTYPES, check_index, check_pools, check_tensor
+
+
+def slot_of(positions, sink_size, window_size):
+    """Slot of each position in its head's rows; positions [..., T], sizes broadcastable."""
+    ring = sink_size + torch.remainder(positions - sink_size, window_size.clamp(min=1))
+    return torch.where(positions < sink_size, positions, ring)
+
+
+def kept_after(positions, sink_size, window_size):
+    """Which tokens of the block are still kept once the whole block is in: [B, H, T] bool."""
+    last = positions.max(dim=-1, keepdim=True).values  # [B, 1]
+    pos = positions[:, None, :]
+    keep = (pos < sink_size[None, :, None]) | (pos > last[:, None, :] - window_size[None, :, None])
+    return keep & (pos >= 0)
+
+
+def append_reference(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size):
+    keep = kept_after(positions, sink_size, window_size)
+    rows = base[..., None] + slot_of(positions[:, None, :], sink_size[None, :, None], window_size[None, :, None])
+    rows = rows[keep]
+    k_pool[rows] = k[keep].to(k_pool.dtype)
+    v_pool[rows] = v[keep].to(v_pool.dtype)
+    pos_pool[rows] = positions[:, None, :].expand_as(keep)[keep]
+
+
+def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size, *, backend="auto"):
+    """Write k, v [B, H, T, D] at positions [B, T] (-1 = padding) into the pools (rows [N, D], pos_pool [N])."""
+    check_tensor("k", k, dim=4, dtypes=FLOAT_DTYPES)
+    batch, heads, tokens, head_dim = k.shape
+    check_tensor("v", v, dim=4, dtypes=(k.dtype,), device=k.device)
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    check_pools(k_pool, v_pool, head_dim, k.device)
+    check_index("pos_pool", pos_pool, (k_pool.shape[0],), k.device)
+    check_index("base", base, (batch, heads), k.device)
+    check_index("positions", positions, (batch, tokens), k.device)
+    check_index("sink_size", sink_size, (heads,), k.device)
+    check_index("window_size", window_size, (heads,), k.device)
+    for name, pool in (("k_pool", k_pool), ("v_pool", v_pool), ("pos_pool", pos_pool)):
+        if not pool.is_contiguous():
+            raise ValueError(f"{name} must be contiguous: append writes it in place")
+    kind = resolve_backend(backend, k.device)
+    if kind == "torch":
+        append_reference(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size)
+        return
+    ext, _ = load_cpu_extension()
+    ext.append(
+        k_pool, v_pool, pos_pool, base.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(),
+        sink_size.contiguous(), window_size.contiguous(),
+    )

@@ -1,0 +1,66 @@
+"""decode_attention: one new query per (sequence, head) over that head's kept keys.
+
+The kept keys of head (b, h) are the rows `base[b, h] .. base[b, h] + length[b, h]` of the ragged pools
+(see `HeadKVCache`). Every row there was written, so every row is attended to; a head with no kept rows
+(pruned) outputs its fill vector. In `shifted` position mode the sink rows (slots < sink_size[h]) are
+scored with `q_sink`, the query rotated by the rank it takes relative to the sinks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headkv_engine.backends import load_cpu_extension, resolve_backend
+from headkv_engine.ops._checks import FLOAT_DTYPES, check_fill, check_index, check_pools, check_tensor, gather_slots
+
+
+def decode_attention_reference(q, k_pool, v_pool, base, length, *, scale, sink_size=None, q_sink=None, fill=None):
+    """The definition in plain PyTorch (fp32 math)."""
+    keys, valid = gather_slots(k_pool, base, length)  # [B, H, L, D]
+    values, _ = gather_slots(v_pool, base, length)
+    scores = torch.einsum("bhd,bhld->bhl", q.float(), keys.float()) * scale
+    if q_sink is not None:
+        sink_scores = torch.einsum("bhd,bhld->bhl", q_sink.float(), keys.float()) * scale
+        is_sink = torch.arange(keys.shape[2], device=q.device) < sink_size[:, None]  # [H, L]
+        scores = torch.where(is_sink, sink_scores, scores)
+    scores = scores.masked_fill(~valid, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key are all -inf
+    out = torch.einsum("bhl,bhld->bhd", probs, values.float())
+    empty = length == 0
+    if empty.any():
+        fill_rows = torch.zeros_like(out) if fill is None else fill.float().expand_as(out)
+        out = torch.where(empty[..., None], fill_rows, out)
+    return out.to(q.dtype)
+
+
+def decode_attention(q, k_pool, v_pool, base, length, *, scale, sink_size=None, q_sink=None, fill=None, backend="auto"):
+    """Attention of q [B, H, D] over each head's kept rows of k_pool / v_pool [N, D]; returns [B, H, D].
+
+    base, length: int64 [B, H]; sink_size: int64 [H] (needed with q_sink); q_sink: [B, H, D] or None;
+    fill: [H, D] output of heads with no kept rows (zeros when None).
+    """
+    check_tensor("q", q, dim=3, dtypes=FLOAT_DTYPES)
+    batch, heads, head_dim = q.shape
+    check_pools(k_pool, v_pool, head_dim, q.device)
+    check_index("base", base, (batch, heads), q.device)
+    check_index("length", length, (batch, heads), q.device)
+    if q_sink is not None:
+        check_tensor("q_sink", q_sink, dim=3, dtypes=(q.dtype,), device=q.device)
+        if sink_size is None:
+            raise ValueError("sink_size [H] is required with q_sink")
+        check_index("sink_size", sink_size, (heads,), q.device)
+    check_fill(fill, heads, head_dim, q.device)
+    kind = resolve_backend(backend, q.device)
+    if kind == "torch":
+        return decode_attention_reference(
+            q, k_pool, v_pool, base, length, scale=scale, sink_size=sink_size, q_sink=q_sink, fill=fill
+        )
+    ext, _ = load_cpu_extension()
+    out = torch.empty_like(q)
+    fill32 = None if fill is None else fill.float().contiguous()
+    ext.decode_attention(
+        q.contiguous(), None if q_sink is None else q_sink.contiguous(),
+        k_pool.contiguous(), v_pool.contiguous(), base.contiguous(), length.contiguous(),
+        None if sink_size is None else sink_size.contiguous(), fill32, out, float(scale),
+    )
+    return out

@@ -1,0 +1,371 @@
+"""Profiles: what every attention head of a model keeps of its past (SPEC sections 1, 3 and 7).
+
+A `Profile` maps (layer, head) to a `HeadPolicy`; heads not listed take the profile's default.
+It is the one object `patch_model` takes, and it round-trips through JSON (`headkv-profile/1`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+FORMAT = "headkv-profile/1"
+STRATEGIES = ("full", "sink_window", "window_only", "prune")
+# Window of a `full` head in the kernels' integer encoding: longer than any sequence.
+UNBOUNDED_WINDOW = 1 << 40
+
+
+class ProfileError(ValueError):
+    """A profile (or its JSON) is invalid; the message names the field and the head."""
+
+
+@dataclass(frozen=True)
+class HeadPolicy:
+    """What one head keeps: `strategy` with `sink_size` (S) and `window_size` (W), `fill` for pruned heads.
+
+    full: every past token (window_size None); sink_window: the first S and the last W tokens;
+    window_only: the last W tokens; prune: nothing, the head outputs `fill` (zeros when None).
+    """
+
+    strategy: str = "full"
+    sink_size: int = 0
+    window_size: int | None = None
+    fill: tuple[float, ...] | None = None
+
+    @staticmethod
+    def make(strategy: str, sink_size: int | None = None, window_size: int | None = None, fill=None, where: str = ""):
+        """Build and validate a policy; `where` names the head in error messages."""
+        where = f" ({where})" if where else ""
+        if strategy not in STRATEGIES:
+            raise ProfileError(f"strategy{where}: expected one of {STRATEGIES}, got {strategy!r}")
+        if strategy in ("sink_window", "window_only"):
+            if window_size is None or not isinstance(window_size, int) or isinstance(window_size, bool):
+                raise ProfileError(f"window_size{where}: {strategy} needs an integer window_size >= 1, got {window_size!r}")
+            if window_size <= 0:
+                raise ProfileError(f"window_size{where}: must be >= 1 for {strategy}, got {window_size}")
+        if strategy == "sink_window":
+            sink_size = 4 if sink_size is None else sink_size
+            if not isinstance(sink_size, int) or isinstance(sink_size, bool) or sink_size < 0:
+                raise ProfileError(f"sink_size{where}: expected an integer >= 0, got {sink_size!r}")
+        elif sink_size not in (None, 0):
+            raise ProfileError(f"sink_size{where}: only sink_window keeps sinks, got sink_size={sink_size} for {strategy}")
+        if fill is not None and strategy != "prune":
+            raise ProfileError(f"fill{where}: only pruned heads have a fill, got one for {strategy}")
+        return HeadPolicy(
+            strategy=strategy,
+            sink_size=sink_size if strategy == "sink_window" else 0,
+            window_size={"full": None, "prune": 0}.get(strategy, window_size),
+            fill=None if fill is None else tuple(float(x) for x in fill),
+        )
+
+    def kept_tokens(self, length: int) -> int:
+        """Tokens this head holds after `length` tokens (SPEC 2 table)."""
+        if self.strategy == "full":
+            return length
+        return min(length, self.sink_size + self.window_size)
+
+    def budget(self, length: int) -> int:
+        """The head's budget as seed 004 counts effective context: S+W, W, T or 0."""
+        return length if self.strategy == "full" else self.sink_size + self.window_size
+
+    def to_json(self) -> dict:
+        out = {"strategy": self.strategy}
+        if self.strategy == "sink_window":
+            out["sink_size"] = self.sink_size
+        if self.strategy in ("sink_window", "window_only"):
+            out["window_size"] = self.window_size
+        if self.strategy == "prune":
+            out["fill"] = None if self.fill is None else list(self.fill)
+        return out
+
+
+def _policy_from_json(entry: dict, where: str) -> HeadPolicy:
+    if not isinstance(entry, dict):
+        raise ProfileError(f"{where}: expected an object, got {type(entry).__name__}")
+    if "strategy" not in entry:
+        raise ProfileError(f"strategy ({where}): missing")
+    return HeadPolicy.make(
+        entry["strategy"], entry.get("sink_size"), entry.get("window_size"), entry.get("fill"), where=where
+    )
+
+
+@dataclass
+class Profile:
+    """One `HeadPolicy` per head of a model, plus the model's shape and free-form provenance (`meta`)."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int | None = None
+    default: HeadPolicy = field(default_factory=HeadPolicy)
+    heads: dict[tuple[int, int], HeadPolicy] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    model_type: str = "gpt_neox"
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ProfileError(f"model.{name}: expected a positive integer, got {value!r}")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
+            raise ProfileError(f"model.head_dim: expected a positive integer or null, got {self.head_dim!r}")
+        for (layer, head), policy in self.heads.items():
+            self._check_head(layer, head)
+            self._check_fill(policy, f"layer {layer}, head {head}")
+        self._check_fill(self.default, "default")
+
+    def _check_head(self, layer, head):
+        if not (isinstance(layer, int) and 0 <= layer < self.num_layers):
+            raise ProfileError(f"layer (head {head}): expected 0 <= layer < {self.num_layers}, got {layer!r}")
+        if not (isinstance(head, int) and 0 <= head < self.num_heads):
+            raise ProfileError(f"head (layer {layer}): expected 0 <= head < {self.num_heads}, got {head!r}")
+
+    def _check_fill(self, policy: HeadPolicy, where: str):
+        if policy.fill is not None and self.head_dim is not None and len(policy.fill) != self.head_dim:
+            raise ProfileError(f"fill ({where}): expected {self.head_dim} floats (head_dim), got {len(policy.fill)}")
+
+    # --- constructors -------------------------------------------------------------------------------------
+
+    @classmethod
+    def uniform(cls, num_layers, num_heads, strategy="sink_window", sink_size=4, window_size=60, head_dim=None):
+        """Every head gets the same policy."""
+        policy = HeadPolicy.make(
+            strategy,
+            sink_size if strategy == "sink_window" else None,
+            window_size if strategy in ("sink_window", "window_only") else None,
+            where="uniform",
+        )
+        return cls(num_layers, num_heads, head_dim, default=policy, meta={"source": f"uniform {strategy}"})
+
+    @classmethod
+    def full(cls, num_layers, num_heads, head_dim=None):
+        """The uncompressed baseline: every head keeps everything."""
+        return cls.uniform(num_layers, num_heads, "full", head_dim=head_dim)
+
+    @classmethod
+    def window_only(cls, num_layers, num_heads, window_size=64, head_dim=None):
+        """Seed 004 group A: the last W tokens only."""
+        return cls.uniform(num_layers, num_heads, "window_only", window_size=window_size, head_dim=head_dim)
+
+    @classmethod
+    def streaming_llm(cls, num_layers, num_heads, sink_size=4, window_size=60, head_dim=None):
+        """Seed 004 group B, StreamingLLM (Xiao et al., 2024): S attention sinks + the last W tokens."""
+        return cls.uniform(num_layers, num_heads, "sink_window", sink_size, window_size, head_dim=head_dim)
+
+    @classmethod
+    def for_model(cls, model, strategy="full", **kwargs):
+        """A uniform profile shaped like `model` (a GPTNeoX model or its config)."""
+        shape = model_shape(model)
+        return cls.uniform(shape["num_layers"], shape["num_heads"], strategy, head_dim=shape["head_dim"], **kwargs)
+
+    @classmethod
+    def from_classifications(cls, source, num_layers=None, num_heads=None, head_dim=None):
+        """A profile from a `head_classifications.json` (seed 000 schema), path or parsed dict.
+
+        Each head follows its `compression_strategy`: prune, sink_window (sink_size, recommended_window),
+        window_only (recommended_window); `none` / `full` (or use_full_cache) keeps the full cache.
+        """
+        data = _read_json(source) if not isinstance(source, dict) else source
+        entries = data.get("classifications") if isinstance(data, dict) else None
+        if not isinstance(entries, list) or not entries:
+            raise ProfileError("classifications: expected a non-empty list of per-head objects")
+        for i, c in enumerate(entries):
+            for key in ("layer_idx", "head_idx"):
+                if not isinstance(c.get(key), int):
+                    raise ProfileError(f"classifications[{i}].{key}: expected an integer, got {c.get(key)!r}")
+        num_layers = num_layers or 1 + max(c["layer_idx"] for c in entries)
+        num_heads = num_heads or 1 + max(c["head_idx"] for c in entries)
+        heads = {}
+        for c in entries:
+            where = f"layer {c['layer_idx']}, head {c['head_idx']}"
+            key = (c["layer_idx"], c["head_idx"])
+            if key in heads:
+                raise ProfileError(f"classifications ({where}): duplicate head")
+            heads[key] = _policy_from_classification(c, where)
+        types = Counter(c.get("head_type", "?") for c in entries)
+        meta = {"source": "head_classifications", "type_distribution": dict(types)}
+        if isinstance(source, (str, os.PathLike)):
+            meta["classifications_file"] = os.fspath(source)
+        return cls(num_layers, num_heads, head_dim, heads=heads, meta=meta)
+
+    # --- queries ------------------------------------------------------------------------------------------
+
+    def policy(self, layer: int, head: int) -> HeadPolicy:
+        self._check_head(layer, head)
+        return self.heads.get((layer, head), self.default)
+
+    def policies(self):
+        """(layer, head, policy) for every head, layer-major."""
+        for layer in range(self.num_layers):
+            for head in range(self.num_heads):
+                yield layer, head, self.policy(layer, head)
+
+    def kept_tokens(self, length: int) -> torch.Tensor:
+        """Tokens kept per head after `length` tokens: LongTensor [num_layers, num_heads]."""
+        out = torch.zeros(self.num_layers, self.num_heads, dtype=torch.long)
+        for layer, head, policy in self.policies():
+            out[layer, head] = policy.kept_tokens(length)
+        return out
+
+    def effective_context(self, length: int) -> float:
+        """Mean per-head budget as seed 004 counts it (SPEC 7)."""
+        return sum(p.budget(length) for _, _, p in self.policies()) / (self.num_layers * self.num_heads)
+
+    def summary(self, length: int = 2048) -> dict:
+        """Counts per strategy, and the mean kept tokens per head and KV fraction at `length` tokens."""
+        counts = Counter(p.strategy for _, _, p in self.policies())
+        kept = self.kept_tokens(length).double()
+        return {
+            "num_heads": self.num_layers * self.num_heads,
+            "strategies": {s: counts.get(s, 0) for s in STRATEGIES},
+            "length": length,
+            "mean_kept_tokens": kept.mean().item(),
+            "kv_fraction": kept.mean().item() / length if length else 0.0,
+            "effective_context": self.effective_context(length),
+        }
+
+    def layer_tensors(self, layer: int, device=None):
+        """Kernel encoding of one layer: sink_size [H], window_size [H] (int64), fill [H, D] or None."""
+        sinks, windows, fills = [], [], []
+        for head in range(self.num_heads):
+            p = self.policy(layer, head)
+            sinks.append(p.sink_size)
+            windows.append(UNBOUNDED_WINDOW if p.strategy == "full" else p.window_size)
+            fills.append(p.fill)
+        sink_t = torch.tensor(sinks, dtype=torch.long, device=device)
+        window_t = torch.tensor(windows, dtype=torch.long, device=device)
+        if all(f is None for f in fills):
+            return sink_t, window_t, None
+        dim = len(next(f for f in fills if f is not None))
+        fill_t = torch.tensor([f if f is not None else [0.0] * dim for f in fills], dtype=torch.float32, device=device)
+        return sink_t, window_t, fill_t
+
+    def check_model(self, model) -> None:
+        """Raise ProfileError unless this profile was made for a model of `model`'s shape."""
+        shape = model_shape(model)
+        if self.model_type != shape["model_type"]:
+            raise ProfileError(f"model.model_type: profile is for {self.model_type!r}, model is {shape['model_type']!r}")
+        for name in ("num_layers", "num_heads", "head_dim"):
+            mine = getattr(self, name)
+            if mine is not None and mine != shape[name]:
+                raise ProfileError(f"model.{name}: profile has {mine}, the model has {shape[name]}")
+        for layer, head, policy in self.policies():
+            if policy.fill is not None and len(policy.fill) != shape["head_dim"]:
+                raise ProfileError(
+                    f"fill (layer {layer}, head {head}): expected {shape['head_dim']} floats, got {len(policy.fill)}"
+                )
+
+    # --- JSON ---------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        heads = [
+            {"layer": layer, "head": head, **policy.to_json()}
+            for (layer, head), policy in sorted(self.heads.items())
+        ]
+        model = {"model_type": self.model_type, "num_layers": self.num_layers, "num_heads": self.num_heads,
+                 "head_dim": self.head_dim}
+        return {"format": FORMAT, "model": model, "default": self.default.to_json(), "heads": heads, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Profile:
+        if not isinstance(data, dict):
+            raise ProfileError(f"profile: expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise ProfileError(f"format: expected {FORMAT!r}, got {data.get('format')!r}")
+        model = data.get("model")
+        if not isinstance(model, dict):
+            raise ProfileError("model: expected an object with model_type, num_layers, num_heads, head_dim")
+        default = _policy_from_json(data.get("default", {"strategy": "full"}), "default")
+        profile = cls(
+            num_layers=model.get("num_layers"),
+            num_heads=model.get("num_heads"),
+            head_dim=model.get("head_dim"),
+            default=default,
+            meta=data.get("meta") or {},
+            model_type=model.get("model_type", "gpt_neox"),
+        )
+        entries = data.get("heads", [])
+        if not isinstance(entries, list):
+            raise ProfileError("heads: expected a list")
+        for i, entry in enumerate(entries):
+            layer, head = (entry.get(k) if isinstance(entry, dict) else None for k in ("layer", "head"))
+            where = f"heads[{i}]: layer {layer}, head {head}"
+            if not isinstance(layer, int) or not isinstance(head, int):
+                raise ProfileError(f"layer/head ({where}): expected integers")
+            profile._check_head(layer, head)
+            if (layer, head) in profile.heads:
+                raise ProfileError(f"head ({where}): duplicate head")
+            policy = _policy_from_json(entry, where)
+            profile._check_fill(policy, where)
+            profile.heads[(layer, head)] = policy
+        return profile
+
+    @classmethod
+    def load(cls, path) -> Profile:
+        return cls.from_dict(_read_json(path))
+
+    def save(self, path) -> None:
+        """Write the profile JSON atomically (a temp file renamed into place)."""
+        write_json_atomic(path, self.to_dict())
+
+
+def _policy_from_classification(c: dict, where: str) -> HeadPolicy:
+    strategy = c.get("compression_strategy", "none")
+    window = c.get("recommended_window", -1)
+    if strategy == "prune" or c.get("can_prune"):
+        return HeadPolicy.make("prune", where=where)
+    if strategy in ("none", "full") or c.get("use_full_cache"):
+        return HeadPolicy.make("full", where=where)
+    if strategy == "sink_window":
+        return HeadPolicy.make("sink_window", c.get("sink_size", 4), window, where=where)
+    if strategy == "window_only":
+        return HeadPolicy.make("window_only", None, window, where=where)
+    raise ProfileError(f"compression_strategy ({where}): expected none/full/sink_window/window_only/prune, got {strategy!r}")
+
+
+def model_shape(model) -> dict:
+    """model_type, num_layers, num_heads, head_dim of a GPTNeoX model or config."""
+    config = getattr(model, "config", model)
+    heads = config.num_attention_heads
+    return {
+        "model_type": getattr(config, "model_type", "gpt_neox"),
+        "num_layers": config.num_hidden_layers,
+        "num_heads": heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+    }
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{os.fspath(path)}: not valid JSON ({exc})") from exc
+
+
+def write_json_atomic(path, data) -> None:
+    """Write JSON to `path` via a temp file in the same directory and an atomic rename."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, allow_nan=False, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
