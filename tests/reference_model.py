@@ -1,0 +1,112 @@
+"""A dense reference for a GPTNeoX under a profile, written from SPEC section 2 with plain loops.
+
+`reference_logits(model, profile, ids, mask, position_mode)` runs the *unpatched* model on whole sequences
+(no cache) with every attention module replaced by a loop that, for each query t of each head, lists the
+kept keys of the SPEC table, gives each key the position it has under the mode (absolute: its position;
+shifted: its rank in the kept set, the query taking the next rank) and applies rotary and softmax to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+
+def tiny_model(layers=2, heads=4, head_dim=16, vocab=97, seed=0, dtype=torch.float32, rotary_pct=0.25):
+    """A random GPTNeoX with large init so heads attend sharply and differently."""
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=heads * head_dim,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * heads * head_dim,
+        max_position_embeddings=512,
+        rotary_pct=rotary_pct,
+        initializer_range=0.15,
+        use_parallel_residual=True,
+    )
+    config.rope_parameters["partial_rotary_factor"] = rotary_pct
+    model = GPTNeoXForCausalLM(config).eval().to(dtype)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    return model
+
+
+def kept_keys(policy, t):
+    """Positions head `policy` holds when the query is at position t (SPEC 2 table)."""
+    if policy.strategy == "prune":
+        return []
+    if policy.strategy == "full":
+        return list(range(t + 1))
+    window = range(max(0, t - policy.window_size + 1), t + 1)
+    sinks = [j for j in range(min(policy.sink_size, t + 1)) if j not in window]
+    return sinks + list(window)
+
+
+def _rotate(x, cos, sin):
+    d = cos.shape[-1]
+    rot, rest = x[..., :d], x[..., d:]
+    half = d // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+
+def _reference_attention(self, hidden_states, attention_mask=None, layer_past=None, position_embeddings=None, **kw):
+    ctx = self._ref_ctx
+    batch, tokens = hidden_states.shape[:2]
+    qkv = self.query_key_value(hidden_states).view(batch, tokens, -1, 3 * self.head_size).transpose(1, 2)
+    query, key, value = (x.float() for x in qkv.chunk(3, dim=-1))
+    heads = query.shape[1]
+    cos_table, sin_table = ctx["rotary"](hidden_states, torch.arange(tokens + 1)[None])
+    cos_table, sin_table = cos_table[0].float(), sin_table[0].float()
+    out = torch.zeros(batch, heads, tokens, self.head_size)
+    for b in range(batch):
+        col_of = {int(p): c for c, p in enumerate(ctx["positions"][b]) if p >= 0}
+        for h in range(heads):
+            policy = ctx["profile"].policy(self.layer_idx, h)
+            for c, t in enumerate(ctx["positions"][b].tolist()):
+                if t < 0:
+                    continue
+                keys = kept_keys(policy, t)
+                if not keys:
+                    out[b, h, c] = torch.tensor(policy.fill) if policy.fill else 0.0
+                    continue
+                ranks = list(range(len(keys))) if ctx["mode"] == "shifted" else keys
+                q_pos = len(keys) - 1 if ctx["mode"] == "shifted" else t
+                q = _rotate(query[b, h, col_of[t]], cos_table[q_pos], sin_table[q_pos])
+                cols = [col_of[j] for j in keys]
+                k = _rotate(key[b, h, cols], cos_table[ranks], sin_table[ranks])
+                probs = torch.softmax(k @ q * self.scaling, dim=0)
+                out[b, h, c] = probs @ value[b, h, cols]
+    out = out.to(hidden_states.dtype).transpose(1, 2).reshape(batch, tokens, -1)
+    return self.dense(out), None
+
+
+def positions_from_mask(mask):
+    return torch.where(mask.bool(), mask.long().cumsum(1) - 1, torch.full_like(mask.long(), -1))
+
+
+@contextlib.contextmanager
+def reference_attention(model, profile, positions, mode="absolute"):
+    ctx = {"profile": profile, "positions": positions, "mode": mode, "rotary": model.gpt_neox.rotary_emb}
+    attentions = [layer.attention for layer in model.gpt_neox.layers]
+    for att in attentions:
+        att._ref_ctx = ctx
+        att.forward = types.MethodType(_reference_attention, att)
+    try:
+        yield ctx
+    finally:
+        for att in attentions:
+            del att.forward, att._ref_ctx
+
+
+@torch.no_grad()
+def reference_logits(model, profile, ids, mask=None, mode="absolute"):
+    mask = torch.ones_like(ids) if mask is None else mask
+    positions = positions_from_mask(mask)
+    with reference_attention(model, profile, positions, mode):
+        return model(ids, attention_mask=mask, position_ids=positions.clamp(min=0), use_cache=False).logits

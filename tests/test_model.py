@@ -1,0 +1,257 @@
+"""The patched GPTNeoX against the dense per-head-masked reference (SPEC 2) and the unpatched model."""
+
+import pytest
+import torch
+
+import headkv_engine as hk
+from headkv_engine.profile import HeadPolicy
+from reference_model import positions_from_mask, reference_attention, reference_logits, tiny_model
+
+BACKENDS = ["torch", "cpu"]
+LAYERS, HEADS, HEAD_DIM = 2, 4, 16
+
+
+def mixed_profile(fill=False):
+    """Every strategy and edge case at once: window 1, sink 0, a window longer than the sequence, prune."""
+    heads = {
+        (0, 0): HeadPolicy.make("sink_window", 2, 3),
+        (0, 1): HeadPolicy.make("window_only", None, 1),
+        (0, 2): HeadPolicy.make("sink_window", 4, 100),
+        (1, 0): HeadPolicy.make("sink_window", 0, 5),
+        (1, 1): HeadPolicy.make("sink_window", 3, 5),
+        (1, 2): HeadPolicy.make("prune", fill=[0.5] * HEAD_DIM if fill else None),
+        (1, 3): HeadPolicy.make("window_only", None, 7),
+    }
+    return hk.Profile(LAYERS, HEADS, HEAD_DIM, heads=heads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(LAYERS, HEADS, HEAD_DIM)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(1))
+
+
+def stepwise_logits(model, ids, first, step=1, mask=None):
+    """Prefill `first` tokens, then feed the rest `step` tokens at a time through the cache."""
+    out = model(ids[:, :first], attention_mask=None if mask is None else mask[:, :first], use_cache=True)
+    cache, logits = out.past_key_values, [out.logits]
+    for start in range(first, ids.shape[1], step):
+        stop = min(start + step, ids.shape[1])
+        m = None if mask is None else mask[:, :stop]
+        out = model(ids[:, start:stop], attention_mask=m, cache=cache, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1), cache
+
+
+def test_reference_differs_from_dense(model, ids):
+    """The profile really changes the model, so agreement below is not trivial."""
+    assert (reference_logits(model, mixed_profile(), ids) - model(ids).logits).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_profile_equals_unpatched(model, ids, backend):
+    dense = model(ids).logits
+    with hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend=backend):
+        patched, _ = stepwise_logits(model, ids, first=9)
+    torch.testing.assert_close(patched, dense, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("first,step", [(21, 1), (1, 1), (9, 1), (4, 5)], ids=["prefill", "decode", "prefill+decode", "chunks"])
+def test_patched_equals_masked_reference(model, ids, backend, first, step):
+    profile = mixed_profile(fill=True)
+    ref = reference_logits(model, profile, ids)
+    with hk.patch_model(model, profile, backend=backend):
+        got, _ = stepwise_logits(model, ids, first=first, step=step)
+    assert (got - ref).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shifted_mode_equals_its_reference(model, ids, backend):
+    profile = mixed_profile()
+    ref = reference_logits(model, profile, ids, mode="shifted")
+    assert (ref - reference_logits(model, profile, ids)).abs().max() > 1e-2  # the modes do differ
+    with hk.patch_model(model, profile, backend=backend, position_mode="shifted"):
+        prefill = model(ids).logits
+        stepped, _ = stepwise_logits(model, ids, first=6)
+    assert (prefill - ref).abs().max() <= 1e-3
+    assert (stepped - ref).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_left_padded_batch_equals_each_sequence_alone(model, backend):
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 97, (3, 16), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[2, :11] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    profile = mixed_profile()
+    ref = reference_logits(model, profile, ids, mask)
+    with hk.patch_model(model, profile, backend=backend):
+        got, cache = stepwise_logits(model, ids, first=12, mask=mask)
+        alone = [model(ids[b : b + 1, mask[b].bool()]).logits[0] for b in range(3)]
+    real = mask.bool()
+    assert (got[real] - ref[real]).abs().max() <= 1e-3
+    for b in range(3):
+        assert (got[b, real[b]] - alone[b]).abs().max() <= 1e-3
+    # Padding is never stored: a full head of sequence b keeps exactly its real tokens.
+    assert cache.kept_tokens(0)[:, 3].tolist() == real.sum(1).tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_greedy_matches_reference(model, backend):
+    prompt = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    profile = mixed_profile()
+    with hk.patch_model(model, profile, backend=backend):
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                             return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, hk.HeadKVCache)
+    expected = prompt
+    for _ in range(12):
+        logits = reference_logits(model, profile, expected)
+        expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out.sequences, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_sampling_with_seed_matches_reference(model, backend):
+    prompt = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(prompt)
+    profile = mixed_profile()
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=0, temperature=1.0)
+    with hk.patch_model(model, profile, backend=backend):
+        torch.manual_seed(123)
+        got = model.generate(prompt, **kwargs)
+    with reference_attention(model, profile, None) as ctx:
+        # the reference recomputes whole sequences, so generate without a cache
+        original = model.gpt_neox.forward
+
+        def forward_with_positions(input_ids=None, attention_mask=None, **kw):
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            ctx["positions"] = positions_from_mask(mask)
+            kw["position_ids"] = ctx["positions"].clamp(min=0)
+            return original(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+        model.gpt_neox.forward = forward_with_positions
+        try:
+            torch.manual_seed(123)
+            expected = model.generate(prompt, use_cache=False, **kwargs)
+        finally:
+            del model.gpt_neox.forward
+    assert torch.equal(got, expected)
+
+
+def test_left_padded_generate_equals_alone(model):
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    with hk.patch_model(model, mixed_profile(), backend="torch"):
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        alone = model.generate(ids[1:, 4:], attention_mask=mask[1:, 4:], max_new_tokens=6, do_sample=False)
+    assert torch.equal(batch[1, 4:], alone[0])
+
+
+def test_unpatch_restores_exactly(model, ids):
+    before = model(ids).logits
+    forward = type(model.gpt_neox).forward
+    handle = hk.patch_model(model, mixed_profile(), backend="torch")
+    assert not torch.allclose(model(ids).logits, before)
+    hk.unpatch_model(model)
+    assert not handle.active
+    assert torch.equal(model(ids).logits, before)
+    assert "forward" not in vars(model.gpt_neox) and type(model.gpt_neox).forward is forward
+    with pytest.raises(ValueError, match="not patched"):
+        hk.unpatch_model(model)
+
+
+def test_context_manager_and_double_patch(model, ids):
+    before = model(ids).logits
+    with hk.patch_model(model, mixed_profile(), backend="torch") as handle:
+        assert isinstance(handle, hk.PatchHandle)
+        with pytest.raises(RuntimeError, match="already patched"):
+            hk.patch_model(model, mixed_profile())
+    assert torch.equal(model(ids).logits, before)
+
+
+def test_gpt_neox_model_without_head(model, ids):
+    base = model.gpt_neox
+    dense = base(ids).last_hidden_state
+    with hk.patch_model(base, hk.Profile.full(LAYERS, HEADS), backend="torch"):
+        out = base(ids, use_cache=True)
+    assert isinstance(out.past_key_values, hk.HeadKVCache)
+    torch.testing.assert_close(out.last_hidden_state, dense, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kept_tokens_and_nbytes(model, backend):
+    profile = mixed_profile()
+    ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(6))
+    with hk.patch_model(model, profile, backend=backend):
+        out = model(ids[:, :12], use_cache=True)
+        cache = out.past_key_values
+        expected = profile.kept_tokens(12)
+        for layer in range(LAYERS):
+            assert torch.equal(cache.kept_tokens(layer), expected[layer].expand(2, HEADS))
+        # Right after a prefill every head owns exactly what it keeps.
+        itemsize = torch.finfo(torch.float32).bits // 8
+        assert cache.nbytes() == 2 * itemsize * HEAD_DIM * 2 * int(expected.sum())
+        for t in range(12, 30):
+            model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        expected = profile.kept_tokens(30)
+        for layer in range(LAYERS):
+            assert torch.equal(cache.kept_tokens(layer), expected[layer].expand(2, HEADS))
+        # Capacity covers what a head keeps, at most doubled, and never exceeds S + W.
+        for layer, store in enumerate(cache.stores):
+            cap = store.capacity
+            for h in range(HEADS):
+                policy = profile.policy(layer, h)
+                kept = policy.kept_tokens(30)
+                assert (cap[:, h] >= kept).all() and (cap[:, h] <= 2 * kept).all()
+                if policy.strategy != "full":
+                    assert (cap[:, h] <= policy.sink_size + policy.window_size).all()
+            assert store.nbytes() == 2 * itemsize * HEAD_DIM * int(cap.sum())
+    dense_bytes = 2 * LAYERS * HEADS * 30 * HEAD_DIM * itemsize * 2
+    assert cache.nbytes() < dense_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_within_tolerance(dtype, backend, ids):
+    model = tiny_model(LAYERS, HEADS, HEAD_DIM, dtype=dtype)
+    profile = mixed_profile()
+    ref = reference_logits(model.float(), profile, ids)
+    model.to(dtype)
+    with hk.patch_model(model, profile, backend=backend):
+        got, _ = stepwise_logits(model, ids, first=8)
+    span = (ref.max() - ref.min()).item()
+    assert (got.float() - ref).abs().max().item() <= 5e-2 * span
+
+
+def test_profile_mismatch_refused(model):
+    with pytest.raises(hk.ProfileError, match="num_heads"):
+        hk.patch_model(model, hk.Profile.full(LAYERS, HEADS + 1))
+    with pytest.raises(hk.ProfileError, match="head_dim"):
+        hk.patch_model(model, hk.Profile.full(LAYERS, HEADS, head_dim=HEAD_DIM + 1))
+    with pytest.raises(ValueError, match="position_mode"):
+        hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), position_mode="relative")
+    with pytest.raises(ValueError, match="backend"):
+        hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend="cuda")
+
+
+def test_foreign_filled_cache_refused(model, ids):
+    dense_cache = model(ids, use_cache=True).past_key_values
+    with hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend="torch"):
+        with pytest.raises(ValueError, match="HeadKVCache"):
+            model(ids[:, :1], cache=dense_cache)
+
+
+def test_beam_search_refused_clearly(model, ids):
+    with hk.patch_model(model, mixed_profile(), backend="torch"):
+        with pytest.raises(NotImplementedError, match="beam search"):
+            model.generate(ids[:1, :5], max_new_tokens=3, num_beams=2, do_sample=False)
