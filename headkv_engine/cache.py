@@ -7,7 +7,7 @@ and a position per row. Head (b, h) owns rows `base[b, h] .. base[b, h] + capaci
     p                  if p < S          sinks, pinned
     S + (p - S) mod W  otherwise         the window, a ring overwritten in place
 
-(full heads: W unbounded, so slot = p; pruned heads own no rows). Capacity grows by doubling, capped at S + W,
+(full heads: W unbounded, so slot = p; pruned heads own no rows). Capacity grows by a quarter, capped at S + W,
 so appends are amortised O(1) and nothing is copied per step once a window head is full.
 """
 
@@ -20,6 +20,8 @@ from transformers.cache_utils import Cache
 
 from headkv_engine import ops
 from headkv_engine.profile import Profile
+
+GROWTH_MIN_ROWS = 16
 
 
 @dataclass
@@ -45,10 +47,14 @@ class LayerStore:
         return torch.minimum(seen[:, None], self.max_kept[None, :])
 
     def reserve(self, needed: torch.Tensor) -> None:
-        """Make capacity >= needed [B, H], doubling (capped at S + W) and moving the written rows."""
+        """Make capacity >= needed [B, H], growing geometrically (capped at S + W) and moving the written rows."""
         if bool((needed <= self.capacity).all()):
             return
-        grown = torch.maximum(needed, 2 * self.capacity)
+        # Geometric growth by 1/4 (at least GROWTH_MIN_ROWS): amortised O(1) appends while a long full
+        # head never holds more than 25% unused rows, which doubling would allow up to 100%.
+        # The first allocation (a prefill) is exact.
+        step = torch.where(self.capacity > 0, torch.clamp(self.capacity // 4, min=GROWTH_MIN_ROWS), 0)
+        grown = torch.maximum(needed, self.capacity + step)
         new_capacity = torch.where(needed > self.capacity, torch.minimum(grown, self.max_kept[None, :]), self.capacity)
         new_base = (torch.cumsum(new_capacity.flatten(), 0) - new_capacity.flatten()).view_as(new_capacity)
         rows = int(new_capacity.sum())
