@@ -8,6 +8,8 @@ available for the tensors' device and says so once when it has to fall back.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 import warnings
 
 import torch
@@ -30,16 +32,33 @@ def cpu_unavailable_reason() -> str | None:
     return load_cpu_extension()[1]
 
 
-def available_backends() -> list[str]:
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """None when Triton kernels can run on `device`, else why not."""
+    return _triton_reason(device.type, os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@functools.cache
+def _triton_reason(device_type: str, interpret: bool) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install 'headkv-engine[cuda]')"
+    if device_type == "cuda" or (device_type == "cpu" and interpret):
+        return None
+    return f"Triton runs on CUDA devices (or on CPU with TRITON_INTERPRET=1), not on {device_type}"
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    device = torch.device(device)
     names = ["torch"]
-    if cpu_unavailable_reason() is None:
+    if device.type == "cpu" and cpu_unavailable_reason() is None:
         names.append("cpu")
+    if triton_unavailable_reason(device) is None:
+        names.append("triton")
     return names
 
 
 @functools.cache
 def _warn_auto_fallback(reason: str) -> None:
-    warnings.warn(f"headkv_engine: backend 'auto' uses 'torch' on CPU because {reason}", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"headkv_engine: backend 'auto' uses 'torch' because {reason}", RuntimeWarning, stacklevel=3)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -53,7 +72,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 return "cpu"
             _warn_auto_fallback(reason)
             return "torch"
-        # GPU kernels come with their own backends; until they are present the reference runs there.
+        if device.type == "cuda":
+            reason = triton_unavailable_reason(device)
+            if reason is None:
+                return "triton"
+            _warn_auto_fallback(reason)
+            return "torch"
+        _warn_auto_fallback(f"no kernel backend serves {device.type} devices in this build")
         return "torch"
     if backend == "cpu":
         reason = cpu_unavailable_reason()
@@ -61,6 +86,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise RuntimeError(f"backend 'cpu' is unavailable: {reason}. Reinstall with `pip install .`")
         if device.type != "cpu":
             raise ValueError(f"backend 'cpu' needs CPU tensors, got device {device}")
-    if backend in ("triton", "metal"):
-        raise NotImplementedError(f"backend {backend!r} is not part of this build; use 'torch' or 'auto'")
+    if backend == "triton":
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"backend 'triton' is unavailable: {reason}")
+    if backend == "metal":
+        raise RuntimeError("backend 'metal' is unavailable: this build has no Metal kernels; use 'torch' on mps")
     return backend

@@ -1,0 +1,117 @@
+"""Triton decode attention over the ragged per-head layout (flash-decoding with split-K).
+
+Work items are (sequence x head, chunk): a long full head is split into chunks of CHUNK rows processed by
+separate programs, a window head is one chunk, and a program whose chunk starts past its head's length
+exits at once, so no program waits on a longer head. A second kernel merges the chunks of each head with
+their log-sum-exp. Semantics: headkv_engine/ops/decode.py (`decode_attention_reference`).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_chunk_kernel(
+    q_ptr, qs_ptr, k_ptr, v_ptr, base_ptr, len_ptr, sink_ptr,
+    part_o_ptr, part_m_ptr, part_l_ptr,
+    scale, num_heads, num_chunks,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_QSINK: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    length = tl.load(len_ptr + bh)
+    start = chunk * CHUNK
+    part = bh * num_chunks + chunk
+    if start >= length:
+        tl.store(part_m_ptr + part, float("-inf"))
+        tl.store(part_l_ptr + part, 0.0)
+        return
+    base = tl.load(base_ptr + bh)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + bh * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+    if HAS_QSINK:
+        qs = tl.load(qs_ptr + bh * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+        sink = tl.load(sink_ptr + bh % num_heads)
+    m = float("-inf")
+    l = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    stop = tl.minimum(start + CHUNK, length)
+    for row0 in range(start, stop, BLOCK_N):
+        rows = row0 + tl.arange(0, BLOCK_N)
+        r_ok = rows < stop
+        offs = (base + rows)[:, None] * HEAD_DIM + d[None, :]
+        ok = r_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], axis=1) * scale
+        if HAS_QSINK:
+            s_sink = tl.sum(k * qs[None, :], axis=1) * scale
+            s = tl.where(rows < sink, s_sink, s)
+        s = tl.where(r_ok, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        l = l * alpha + tl.sum(p, axis=0)
+        m = m_new
+    tl.store(part_o_ptr + part * HEAD_DIM + d, acc, mask=d_ok)
+    tl.store(part_m_ptr + part, m)
+    tl.store(part_l_ptr + part, l)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_o_ptr, part_m_ptr, part_l_ptr, fill_ptr, out_ptr, num_heads, num_chunks,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, HAS_FILL: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < num_chunks
+    m = tl.load(part_m_ptr + bh * num_chunks + c, mask=c_ok, other=float("-inf"))
+    l = tl.load(part_l_ptr + bh * num_chunks + c, mask=c_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    if m_max == float("-inf"):  # the head keeps nothing: its fill, never 0/0
+        if HAS_FILL:
+            fill = tl.load(fill_ptr + (bh % num_heads) * HEAD_DIM + d, mask=d_ok, other=0.0)
+        else:
+            fill = tl.zeros([BLOCK_D], dtype=tl.float32)
+        tl.store(out_ptr + bh * HEAD_DIM + d, fill.to(out_ptr.dtype.element_ty), mask=d_ok)
+        return
+    w = tl.where(c_ok & (m > float("-inf")), tl.exp(m - m_max), 0.0)
+    o = tl.load(part_o_ptr + (bh * num_chunks + c)[:, None] * HEAD_DIM + d[None, :],
+                mask=(c_ok & (m > float("-inf")))[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(out_ptr + bh * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_sink=None, fill=None,
+                     chunk=None, block_n=None):
+    """Launch: q [B, H, D] contiguous, pools [N, D], base/length int64 [B, H]; returns [B, H, D]."""
+    import torch  # noqa: PLC0415
+
+    batch, heads, head_dim = q.shape
+    block_d = triton.next_power_of_2(head_dim)
+    block_n = block_n or 64
+    max_len = int(length.max()) if length.numel() else 0
+    chunk = chunk or max(block_n, min(1024, triton.next_power_of_2(max(max_len // 8, 1))))
+    num_chunks = max(1, triton.cdiv(max_len, chunk))
+    rows = batch * heads
+    part_o = torch.empty(rows, num_chunks, head_dim, device=q.device, dtype=torch.float32)
+    part_m = torch.empty(rows, num_chunks, device=q.device, dtype=torch.float32)
+    part_l = torch.empty(rows, num_chunks, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    has_qsink = q_sink is not None
+    _decode_chunk_kernel[(rows, num_chunks)](
+        q, q_sink if has_qsink else q, k_pool, v_pool, base, length, sink_size if has_qsink else base,
+        part_o, part_m, part_l, scale, heads, num_chunks,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, HAS_QSINK=has_qsink,
+    )
+    _decode_merge_kernel[(rows,)](
+        part_o, part_m, part_l, fill if fill is not None else part_o, out, heads, num_chunks,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_C=triton.next_power_of_2(num_chunks), HAS_FILL=fill is not None,
+    )
+    return out

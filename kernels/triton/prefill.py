@@ -1,0 +1,124 @@
+"""Triton prefill attention: a block of new queries under per-head sink / window masks (block-sparse).
+
+One program per (sequence x head, query block). Keys come from the head's cached rows (positions in
+`pos_pool`) and from the block itself. Of the block's keys only the tiles that meet the sink range or the
+window of the query block are visited, so a windowed head costs O(T * (S + W)) instead of O(T^2).
+Semantics: headkv_engine/ops/prefill.py (`prefill_attention_reference`).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(acc, m, l, q, qs, k_tile_ptr, v_tile_ptr, kp, q_pos, sink, window, scale, ok_k, d_ok,
+          HAS_QSINK: tl.constexpr):
+    k = tl.load(k_tile_ptr, mask=ok_k[:, None] & d_ok[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+    if HAS_QSINK:
+        s_sink = tl.dot(qs, tl.trans(k)).to(tl.float32) * scale
+        s = tl.where((kp < sink)[None, :], s_sink, s)
+    seen = ok_k[None, :] & (kp[None, :] >= 0) & (q_pos[:, None] >= 0) & (kp[None, :] <= q_pos[:, None])
+    seen = seen & ((kp[None, :] < sink) | (kp[None, :] > q_pos[:, None] - window))
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet stay at zero
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    v = tl.load(v_tile_ptr, mask=ok_k[:, None] & d_ok[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    l = l * alpha + tl.sum(p, axis=1)
+    return acc, m_new, l
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, qs_ptr, k_ptr, v_ptr, pos_ptr, kpool_ptr, vpool_ptr, ppool_ptr, base_ptr, len_ptr,
+    sink_ptr, window_ptr, fill_ptr, out_ptr,
+    scale, num_heads, tokens,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_QSINK: tl.constexpr, HAS_FILL: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    b = bh // num_heads
+    h = bh % num_heads
+    sink = tl.load(sink_ptr + h)
+    window = tl.load(window_ptr + h)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    rows = m0 + tl.arange(0, BLOCK_M)
+    r_ok = rows < tokens
+    q_pos = tl.load(pos_ptr + b * tokens + rows, mask=r_ok, other=-1)
+    seq = bh * tokens * HEAD_DIM
+    q = tl.load(q_ptr + seq + rows[:, None] * HEAD_DIM + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    qs = q
+    if HAS_QSINK:
+        qs = tl.load(qs_ptr + seq + rows[:, None] * HEAD_DIM + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # 1. the rows kept in the cache (at most S + W for windowed heads)
+    base = tl.load(base_ptr + bh)
+    length = tl.load(len_ptr + bh)
+    for n0 in range(0, length, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        ok_k = cols < length
+        kp = tl.load(ppool_ptr + base + cols, mask=ok_k, other=-1)
+        offs = (base + cols)[:, None] * HEAD_DIM + d[None, :]
+        acc, m, l = _tile(acc, m, l, q, qs, kpool_ptr + offs, vpool_ptr + offs, kp, q_pos, sink, window, scale,
+                          ok_k, d_ok, HAS_QSINK)
+
+    # 2. the block's own keys: real columns map linearly to positions, column = position - offset
+    last_pos = tl.load(pos_ptr + b * tokens + tokens - 1)
+    offset = last_pos - (tokens - 1)
+    hi = tl.minimum(m0 + BLOCK_M, tokens)
+    win_lo = tl.maximum(m0 - window + 1, 0)
+    win_lo = (win_lo // BLOCK_N) * BLOCK_N
+    sink_hi = tl.minimum(tl.maximum(sink - offset, 0), win_lo)
+    for n0 in range(0, sink_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        ok_k = cols < sink_hi
+        kp = tl.load(pos_ptr + b * tokens + cols, mask=ok_k, other=-1)
+        offs = seq + cols[:, None] * HEAD_DIM + d[None, :]
+        acc, m, l = _tile(acc, m, l, q, qs, k_ptr + offs, v_ptr + offs, kp, q_pos, sink, window, scale,
+                          ok_k, d_ok, HAS_QSINK)
+    for n0 in range(win_lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        ok_k = cols < hi
+        kp = tl.load(pos_ptr + b * tokens + cols, mask=ok_k, other=-1)
+        offs = seq + cols[:, None] * HEAD_DIM + d[None, :]
+        acc, m, l = _tile(acc, m, l, q, qs, k_ptr + offs, v_ptr + offs, kp, q_pos, sink, window, scale,
+                          ok_k, d_ok, HAS_QSINK)
+
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    if HAS_FILL:
+        fill = tl.load(fill_ptr + h * HEAD_DIM + d, mask=d_ok, other=0.0)
+    else:
+        fill = tl.zeros([BLOCK_D], tl.float32)
+    out = tl.where((l > 0)[:, None], out, fill[None, :])
+    tl.store(out_ptr + seq + rows[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & d_ok[None, :])
+
+
+def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size, window_size, scale,
+                      q_sink=None, fill=None, block_m=None, block_n=None):
+    """Launch: q, k, v [B, H, T, D] contiguous; returns [B, H, T, D]."""
+    import torch  # noqa: PLC0415
+
+    batch, heads, tokens, head_dim = q.shape
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = block_m or 64
+    block_n = block_n or 64
+    out = torch.empty_like(q)
+    # Pools of another dtype than the block (never in the engine) would break tl.dot: cast them.
+    k_pool = k_pool if k_pool.dtype == q.dtype else k_pool.to(q.dtype)
+    v_pool = v_pool if v_pool.dtype == q.dtype else v_pool.to(q.dtype)
+    _prefill_kernel[(batch * heads, triton.cdiv(tokens, block_m))](
+        q, q_sink if q_sink is not None else q, k, v, positions, k_pool, v_pool, pos_pool, base, length,
+        sink_size, window_size, fill if fill is not None else q, out, scale, heads, tokens,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_QSINK=q_sink is not None, HAS_FILL=fill is not None,
+    )
+    return out
