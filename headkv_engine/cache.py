@@ -99,6 +99,33 @@ class HeadKVCache(Cache):
         self._positions_on: dict[torch.device, torch.Tensor] = {}
         self._policies: dict = {}
 
+    @classmethod
+    def from_dense(cls, profile: Profile, key_values, attention_mask=None, position_mode="absolute", backend="auto"):
+        """A HeadKVCache holding what `profile` keeps of a dense cache, as if its tokens had been prefilled.
+
+        key_values: a transformers DynamicCache or a sequence of (keys, values) per layer, [B, H, T, D] each,
+        keys rotated at their positions (as GPTNeoX stores them); attention_mask [B, T] marks left padding.
+        """
+        if isinstance(key_values, Cache):
+            key_values = [(layer.keys, layer.values) for layer in key_values.layers]
+        key_values = list(key_values)
+        if len(key_values) != profile.num_layers:
+            raise ValueError(f"key_values: expected {profile.num_layers} layers, got {len(key_values)}")
+        batch, heads, tokens, _ = key_values[0][0].shape
+        if heads != profile.num_heads:
+            raise ValueError(f"key_values: expected {profile.num_heads} heads, got {heads}")
+        cache = cls(profile, position_mode=position_mode, backend=backend)
+        cache.begin_step(tokens, batch, attention_mask)
+        for layer, (keys, values) in enumerate(key_values):
+            store = cache._store(layer, keys)
+            positions = cache.positions_on(keys.device)
+            kept = store.kept_after(cache.seen.to(keys.device) + (positions >= 0).sum(dim=1))
+            store.reserve(kept)
+            cache._append(store, keys, values, positions)
+            store.length = kept
+        cache.end_step()
+        return cache
+
     # --- the step protocol used by the patched model ------------------------------------------------------
 
     def begin_step(self, num_tokens: int, batch_size: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -255,3 +255,27 @@ def test_beam_search_refused_clearly(model, ids):
     with hk.patch_model(model, mixed_profile(), backend="torch"):
         with pytest.raises(NotImplementedError, match="beam search"):
             model.generate(ids[:1, :5], max_new_tokens=3, num_beams=2, do_sample=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_dense_cache_continues_like_the_reference(model, backend):
+    """Compressing a dense prefix equals prefilling under the profile when layer 0 keeps everything
+    (then every layer's keys and values are the same in both)."""
+    profile = hk.Profile(LAYERS, HEADS, HEAD_DIM, heads={
+        (1, 0): HeadPolicy.make("sink_window", 2, 3),
+        (1, 1): HeadPolicy.make("window_only", None, 1),
+        (1, 2): HeadPolicy.make("prune"),
+    })
+    ids = torch.randint(1, 97, (2, 21), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ref = reference_logits(model, profile, ids, mask)
+    positions = positions_from_mask(mask)
+    dense = model(ids[:, :15], attention_mask=mask[:, :15], position_ids=positions[:, :15].clamp(min=0),
+                  use_cache=True).past_key_values
+    cache = hk.HeadKVCache.from_dense(profile, dense, attention_mask=mask[:, :15], backend=backend)
+    assert torch.equal(cache.kept_tokens(1)[:, :3], torch.tensor([[5, 1, 0], [5, 1, 0]]))
+    with hk.patch_model(model, profile, backend=backend):
+        got = model(ids[:, 15:], attention_mask=mask, cache=cache, use_cache=True).logits
+    real = mask[:, 15:].bool()
+    assert (got - ref[:, 15:])[real].abs().max() <= 1e-3

@@ -1,0 +1,139 @@
+"""The Triton kernels against the PyTorch references, on CPU under TRITON_INTERPRET=1 (or on CUDA).
+
+The interpreter runs kernels exactly but slowly, so shapes are small; the shapes still cover window 1,
+sink 0, windows longer than the sequence, pruned heads, full heads, batch > 1, left padding and fp16/bf16.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first kernel import
+if os.environ.get("CI") != "true":
+    pytest.importorskip("triton")
+
+from headkv_engine import ops  # noqa: E402
+from headkv_engine.profile import UNBOUNDED_WINDOW  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+
+# heads: full, sink 2 + window 3, window 1, pruned, sink 0 + window 5, sink 4 + window 100 (> sequence)
+SINKS = [0, 2, 0, 0, 0, 4]
+WINDOWS = [UNBOUNDED_WINDOW, 3, 1, 0, 5, 100]
+
+
+def policy(device=DEVICE):
+    return (torch.tensor(SINKS, device=device), torch.tensor(WINDOWS, device=device))
+
+
+def filled_cache(batch, head_dim, seen, dtype, seed=0):
+    """Pools holding what each head keeps after `seen[b]` tokens, written by the reference append."""
+    gen = torch.Generator().manual_seed(seed)
+    sink, window = policy("cpu")
+    seen_t = torch.tensor(seen)
+    kept = torch.minimum(seen_t[:, None], (sink + window)[None, :])
+    capacity = kept.flatten()
+    base = (torch.cumsum(capacity, 0) - capacity).view_as(kept)
+    rows = int(capacity.sum())
+    pools = [torch.zeros(rows, head_dim, dtype=dtype), torch.zeros(rows, head_dim, dtype=dtype),
+             torch.full((rows,), -1, dtype=torch.long)]
+    longest = max(seen)
+    positions = torch.stack([torch.cat([torch.full((longest - n,), -1), torch.arange(n)]) for n in seen])
+    k = torch.randn(batch, len(SINKS), longest, head_dim, generator=gen).to(dtype)
+    v = torch.randn(batch, len(SINKS), longest, head_dim, generator=gen).to(dtype)
+    ops.append_reference(*pools, base, k, v, positions, sink, window)
+    to = lambda t: t.to(DEVICE)  # noqa: E731
+    return [to(p) for p in pools], to(base), to(kept)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_sink_query", [False, True])
+def test_decode_matches_reference(dtype, with_sink_query):
+    batch, head_dim = 2, 24
+    (k_pool, v_pool, _), base, length = filled_cache(batch, head_dim, seen=[150, 9], dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(batch, len(SINKS), head_dim, generator=gen).to(dtype).to(DEVICE)
+    q_sink = torch.randn_like(q) if with_sink_query else None
+    sink, _ = policy()
+    fill = torch.randn(len(SINKS), head_dim, generator=gen).to(DEVICE)
+    kwargs = dict(scale=head_dim**-0.5, sink_size=sink, q_sink=q_sink, fill=fill)
+    got = ops.decode_attention(q, k_pool, v_pool, base, length, backend="triton", **kwargs)
+    want = ops.decode_attention_reference(q, k_pool, v_pool, base, length, **kwargs)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(got[:, 3].float(), fill[3].to(dtype).float().expand(batch, -1))  # pruned head: its fill
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cached", [False, True], ids=["empty-cache", "cached-prefix"])
+def test_prefill_matches_reference(dtype, cached):
+    batch, head_dim, tokens = 2, 16, 37
+    seen = [20, 13] if cached else [0, 0]
+    if cached:
+        (k_pool, v_pool, pos_pool), base, length = filled_cache(batch, head_dim, seen=seen, dtype=dtype)
+    else:
+        k_pool = v_pool = torch.zeros(0, head_dim, dtype=dtype, device=DEVICE)
+        pos_pool = torch.zeros(0, dtype=torch.long, device=DEVICE)
+        base = length = torch.zeros(batch, len(SINKS), dtype=torch.long, device=DEVICE)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, q_sink = (torch.randn(batch, len(SINKS), tokens, head_dim, generator=gen).to(dtype).to(DEVICE)
+                       for _ in range(4))
+    pad = 6  # the second sequence is left-padded
+    positions = torch.stack([
+        torch.arange(seen[0], seen[0] + tokens),
+        torch.cat([torch.full((pad,), -1), torch.arange(seen[1], seen[1] + tokens - pad)]),
+    ]).to(DEVICE)
+    sink, window = policy()
+    args = (q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink, window)
+    kwargs = dict(scale=head_dim**-0.5, q_sink=q_sink)
+    got = ops.prefill_attention(*args, backend="triton", **kwargs)
+    want = ops.prefill_attention_reference(*args, **kwargs)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_prefill_small_blocks_skip_tiles_exactly():
+    """With tiles smaller than the window the block-sparse loop bounds decide the result: check them."""
+    mod = pytest.importorskip("headkv_engine.kernel_sources").triton_module("prefill")
+    batch, head_dim, tokens = 1, 16, 70
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(batch, len(SINKS), tokens, head_dim, generator=gen).to(DEVICE) for _ in range(3))
+    positions = torch.arange(tokens, device=DEVICE)[None]
+    empty = torch.zeros(0, head_dim, device=DEVICE)
+    none = torch.zeros(batch, len(SINKS), dtype=torch.long, device=DEVICE)
+    sink, window = policy()
+    args = (q, k, v, positions, empty, empty, torch.zeros(0, dtype=torch.long, device=DEVICE), none, none, sink, window)
+    got = mod.prefill_attention(*args, head_dim**-0.5, block_m=16, block_n=16)
+    want = ops.prefill_attention_reference(*args, scale=head_dim**-0.5)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_append_matches_reference(dtype):
+    batch, head_dim, tokens = 2, 24, 29
+    sink, window = policy()
+    positions = torch.stack([torch.arange(tokens), torch.cat([torch.full((4,), -1), torch.arange(tokens - 4)])])
+    seen = (positions >= 0).sum(1)
+    kept = torch.minimum(seen[:, None], (sink.cpu() + window.cpu())[None, :])
+    capacity = kept.flatten()
+    base = (torch.cumsum(capacity, 0) - capacity).view_as(kept)
+    rows = int(capacity.sum())
+    gen = torch.Generator().manual_seed(4)
+    k = torch.randn(batch, len(SINKS), tokens, head_dim, generator=gen)
+    v = torch.randn(batch, len(SINKS), tokens, head_dim, generator=gen)
+
+    def pools():
+        return [torch.zeros(rows, head_dim, dtype=dtype, device=DEVICE),
+                torch.zeros(rows, head_dim, dtype=dtype, device=DEVICE),
+                torch.full((rows,), -1, dtype=torch.long, device=DEVICE)]
+
+    to = lambda t: t.to(DEVICE)  # noqa: E731
+    want, got = pools(), pools()
+    ops.append_reference(*want, to(base), to(k), to(v), to(positions), sink, window)
+    ops.append(*got, to(base), to(k), to(v), to(positions), sink, window, backend="triton")
+    assert torch.equal(got[2], want[2])
+    tol = 0 if dtype == torch.float32 else 2**-7  # the interpreter may round bf16 toward zero
+    torch.testing.assert_close(got[0].float(), want[0].float(), atol=0, rtol=tol)
+    torch.testing.assert_close(got[1].float(), want[1].float(), atol=0, rtol=tol)
