@@ -26,25 +26,36 @@ GROWTH_MIN_ROWS = 16
 
 @dataclass
 class LayerStore:
-    """The ragged K/V storage of one layer (all tensors on the layer's device)."""
+    """The ragged K/V storage of one layer.
+
+    Pools and policy tensors live on the layer's device. The bookkeeping (`base`, `capacity`, `length`) is
+    kept on the host, so deciding growth never waits on the device; `base_dev` / `length_dev` mirror it there.
+    """
 
     k_pool: torch.Tensor  # [N, D]
     v_pool: torch.Tensor  # [N, D]
     pos_pool: torch.Tensor  # [N] int64, absolute position of each written row
-    base: torch.Tensor  # [B, H] int64, first row of each head
-    capacity: torch.Tensor  # [B, H] int64, rows owned
-    length: torch.Tensor  # [B, H] int64, rows written (= tokens kept)
+    base: torch.Tensor  # [B, H] int64 (host), first row of each head
+    capacity: torch.Tensor  # [B, H] int64 (host), rows owned
+    length: torch.Tensor  # [B, H] int64 (host), rows written (= tokens kept)
+    max_kept: torch.Tensor  # [H] int64 (host), S + W
     sink_size: torch.Tensor  # [H] int64
     window_size: torch.Tensor  # [H] int64 (full heads: UNBOUNDED_WINDOW, pruned: 0)
     fill: torch.Tensor | None  # [H, D] float32, output of heads that see nothing
+    base_dev: torch.Tensor | None = None
+    length_dev: torch.Tensor | None = None
 
-    @property
-    def max_kept(self) -> torch.Tensor:
-        return self.sink_size + self.window_size  # [H]
+    def __post_init__(self):
+        self.base_dev = self.base.to(self.k_pool.device)
+        self.length_dev = self.length.to(self.k_pool.device)
 
     def kept_after(self, seen: torch.Tensor) -> torch.Tensor:
-        """Tokens kept per head once `seen` [B] tokens have been stored: [B, H]."""
+        """Tokens kept per head once `seen` [B] (host) tokens have been stored: [B, H] (host)."""
         return torch.minimum(seen[:, None], self.max_kept[None, :])
+
+    def set_length(self, kept: torch.Tensor) -> None:
+        self.length = kept
+        self.length_dev = kept.to(self.k_pool.device, non_blocking=True)
 
     def reserve(self, needed: torch.Tensor) -> None:
         """Make capacity >= needed [B, H], growing geometrically (capped at S + W) and moving the written rows."""
@@ -63,16 +74,19 @@ class LayerStore:
         pos_pool = self.pos_pool.new_full((rows,), -1)
         # Written rows keep their slot: copy rows [base, base + length) of every head to the new base.
         counts = self.length.flatten()
-        if int(counts.sum()) > 0:
+        total = int(counts.sum())
+        if total > 0:
             head_start = torch.cumsum(counts, 0) - counts
-            offset = torch.arange(int(counts.sum()), device=counts.device) - torch.repeat_interleave(head_start, counts)
-            src = torch.repeat_interleave(self.base.flatten(), counts) + offset
-            dst = torch.repeat_interleave(new_base.flatten(), counts) + offset
+            offset = torch.arange(total) - torch.repeat_interleave(head_start, counts)
+            device = self.k_pool.device
+            src = (torch.repeat_interleave(self.base.flatten(), counts) + offset).to(device)
+            dst = (torch.repeat_interleave(new_base.flatten(), counts) + offset).to(device)
             k_pool[dst] = self.k_pool[src]
             v_pool[dst] = self.v_pool[src]
             pos_pool[dst] = self.pos_pool[src]
         self.k_pool, self.v_pool, self.pos_pool = k_pool, v_pool, pos_pool
         self.base, self.capacity = new_base, new_capacity
+        self.base_dev = new_base.to(k_pool.device)
 
     def nbytes(self) -> int:
         return self.k_pool.numel() * self.k_pool.element_size() + self.v_pool.numel() * self.v_pool.element_size()
@@ -97,6 +111,8 @@ class HeadKVCache(Cache):
         self.columns = 0
         self._positions: torch.Tensor | None = None  # [B, T] of the step being computed, -1 = padding
         self._positions_on: dict[torch.device, torch.Tensor] = {}
+        self._seen_after: torch.Tensor | None = None  # [B] (host) once the step's tokens are stored
+        self._all_real = True
         self._policies: dict = {}
 
     @classmethod
@@ -118,11 +134,10 @@ class HeadKVCache(Cache):
         cache.begin_step(tokens, batch, attention_mask)
         for layer, (keys, values) in enumerate(key_values):
             store = cache._store(layer, keys)
-            positions = cache.positions_on(keys.device)
-            kept = store.kept_after(cache.seen.to(keys.device) + (positions >= 0).sum(dim=1))
+            kept = store.kept_after(cache._seen_after)
             store.reserve(kept)
-            cache._append(store, keys, values, positions)
-            store.length = kept
+            cache._append(store, keys, values, cache.positions_on(keys.device))
+            store.set_length(kept)
         cache.end_step()
         return cache
 
@@ -153,10 +168,12 @@ class HeadKVCache(Cache):
             raise ValueError("attention_mask: padding must come before the real tokens (left padding)")
         self._positions = positions
         self._positions_on = {positions.device: positions}
+        self._seen_after = self.seen + real.sum(dim=1)
+        self._all_real = bool(real.all())
         return positions
 
     def end_step(self) -> None:
-        self.seen = self.seen + (self._positions >= 0).sum(dim=1)
+        self.seen = self._seen_after
         self.columns += self._positions.shape[1]
         self._positions = None
         self._positions_on = {}
@@ -185,7 +202,8 @@ class HeadKVCache(Cache):
         if store is None:
             batch, heads, _, head_dim = key.shape
             sink, window, fill = self._policy_tensors(layer_idx, key.device)
-            zeros = torch.zeros(batch, heads, dtype=torch.long, device=key.device)
+            host_sink, host_window, _ = self._policy_tensors(layer_idx, "cpu")
+            zeros = torch.zeros(batch, heads, dtype=torch.long)
             store = LayerStore(
                 k_pool=key.new_empty(0, head_dim),
                 v_pool=key.new_empty(0, head_dim),
@@ -193,6 +211,7 @@ class HeadKVCache(Cache):
                 base=zeros,
                 capacity=zeros.clone(),
                 length=zeros.clone(),
+                max_kept=host_sink + host_window,
                 sink_size=sink,
                 window_size=window,
                 fill=fill,
@@ -208,33 +227,31 @@ class HeadKVCache(Cache):
         """
         store = self._store(layer_idx, key)
         positions = self.positions_on(key.device)
-        seen_after = self.seen.to(key.device) + (positions >= 0).sum(dim=1)
-        kept = store.kept_after(seen_after)
-        decode = key.shape[2] == 1 and bool((positions >= 0).all())
-        if decode:
+        kept = store.kept_after(self._seen_after)
+        if key.shape[2] == 1 and self._all_real:
             store.reserve(kept)
             self._append(store, key, value, positions)
-            store.length = kept
+            store.set_length(kept)
             out = ops.decode_attention(
-                query[:, :, 0], store.k_pool, store.v_pool, store.base, store.length, scale=scale,
+                query[:, :, 0], store.k_pool, store.v_pool, store.base_dev, store.length_dev, scale=scale,
                 sink_size=store.sink_size, q_sink=None if query_sink is None else query_sink[:, :, 0],
-                fill=store.fill, backend=self.backend,
+                fill=store.fill, backend=self.backend, max_length=int(kept.max()),
             )
             return out[:, :, None]
         out = ops.prefill_attention(
-            query, key, value, positions, store.k_pool, store.v_pool, store.pos_pool, store.base, store.length,
+            query, key, value, positions, store.k_pool, store.v_pool, store.pos_pool, store.base_dev, store.length_dev,
             store.sink_size, store.window_size, scale=scale, q_sink=query_sink, fill=store.fill, backend=self.backend,
         )
         store.reserve(kept)
         self._append(store, key, value, positions)
-        store.length = kept
+        store.set_length(kept)
         return out
 
     def _append(self, store: LayerStore, key, value, positions) -> None:
         if store.k_pool.shape[0] == 0:
             return
         ops.append(
-            store.k_pool, store.v_pool, store.pos_pool, store.base, key, value, positions,
+            store.k_pool, store.v_pool, store.pos_pool, store.base_dev, key, value, positions,
             store.sink_size, store.window_size, backend=self.backend,
         )
 
@@ -266,7 +283,7 @@ class HeadKVCache(Cache):
         if store is None:
             batch = 0 if self.seen is None else self.seen.shape[0]
             return torch.zeros(batch, self.profile.num_heads, dtype=torch.long)
-        return store.length.clone()
+        return store.length.clone()  # host copy
 
     def nbytes(self) -> int:
         """Bytes of key/value storage really allocated, all layers (positions index not included)."""

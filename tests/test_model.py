@@ -1,5 +1,7 @@
 """The patched GPTNeoX against the dense per-head-masked reference (SPEC 2) and the unpatched model."""
 
+import os
+
 import pytest
 import torch
 
@@ -7,7 +9,15 @@ import headkv_engine as hk
 from headkv_engine.profile import HeadPolicy
 from reference_model import positions_from_mask, reference_attention, reference_logits, tiny_model
 
-BACKENDS = ["torch", "cpu"]
+BACKENDS = ["torch", "cpu", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _backend_available(request):
+    """Triton is an optional extra: its tests skip where it is not installed, except in CI."""
+    backend = request.node.callspec.params.get("backend") if hasattr(request.node, "callspec") else None
+    if backend == "triton" and os.environ.get("CI") != "true":
+        pytest.importorskip("triton")
 LAYERS, HEADS, HEAD_DIM = 2, 4, 16
 
 

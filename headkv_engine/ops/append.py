@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from headkv_engine.backends import load_cpu_extension, resolve_backend
+from headkv_engine.kernel_sources import triton_module
 from headkv_engine.ops._checks import FLOAT_DTYPES, check_index, check_pools, check_tensor
 
 
@@ -60,6 +61,12 @@ def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_si
     kind = resolve_backend(backend, k.device)
     if kind == "torch":
         append_reference(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size)
+        return
+    if kind == "triton":
+        triton_module("append").append(
+            k_pool, v_pool, pos_pool, base.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(),
+            sink_size.contiguous(), window_size.contiguous(),
+        )
         return
     ext, _ = load_cpu_extension()
     ext.append(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from headkv_engine.backends import load_cpu_extension, resolve_backend
+from headkv_engine.kernel_sources import triton_module
 from headkv_engine.ops._checks import FLOAT_DTYPES, check_fill, check_index, check_pools, check_tensor, gather_slots
 
 
@@ -33,11 +34,14 @@ def decode_attention_reference(q, k_pool, v_pool, base, length, *, scale, sink_s
     return out.to(q.dtype)
 
 
-def decode_attention(q, k_pool, v_pool, base, length, *, scale, sink_size=None, q_sink=None, fill=None, backend="auto"):
+def decode_attention(
+    q, k_pool, v_pool, base, length, *, scale, sink_size=None, q_sink=None, fill=None, backend="auto", max_length=None
+):
     """Attention of q [B, H, D] over each head's kept rows of k_pool / v_pool [N, D]; returns [B, H, D].
 
     base, length: int64 [B, H]; sink_size: int64 [H] (needed with q_sink); q_sink: [B, H, D] or None;
-    fill: [H, D] output of heads with no kept rows (zeros when None).
+    fill: [H, D] output of heads with no kept rows (zeros when None); max_length: an upper bound of `length`
+    known on the host, which spares GPU backends a device synchronisation.
     """
     check_tensor("q", q, dim=3, dtypes=FLOAT_DTYPES)
     batch, heads, head_dim = q.shape
@@ -54,6 +58,13 @@ def decode_attention(q, k_pool, v_pool, base, length, *, scale, sink_size=None, 
     if kind == "torch":
         return decode_attention_reference(
             q, k_pool, v_pool, base, length, scale=scale, sink_size=sink_size, q_sink=q_sink, fill=fill
+        )
+    if kind == "triton":
+        return triton_module("decode").decode_attention(
+            q.contiguous(), k_pool.contiguous(), v_pool.contiguous(), base.contiguous(), length.contiguous(), scale,
+            sink_size=None if sink_size is None else sink_size.contiguous(),
+            q_sink=None if q_sink is None else q_sink.contiguous(),
+            fill=None if fill is None else fill.float().contiguous(), max_length=max_length,
         )
     ext, _ = load_cpu_extension()
     out = torch.empty_like(q)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from headkv_engine.backends import load_cpu_extension, resolve_backend
+from headkv_engine.kernel_sources import triton_module
 from headkv_engine.ops._checks import FLOAT_DTYPES, check_fill, check_index, check_pools, check_tensor, gather_slots
 
 
@@ -91,6 +92,13 @@ def prefill_attention(
         return prefill_attention_reference(
             q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size, window_size,
             scale=scale, q_sink=q_sink, fill=fill,
+        )
+    if kind == "triton":
+        return triton_module("prefill").prefill_attention(
+            q.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(), k_pool.contiguous(),
+            v_pool.contiguous(), pos_pool.contiguous(), base.contiguous(), length.contiguous(),
+            sink_size.contiguous(), window_size.contiguous(), scale,
+            q_sink=None if q_sink is None else q_sink.contiguous(), fill=None if fill is None else fill.float().contiguous(),
         )
     ext, _ = load_cpu_extension()
     out = torch.empty_like(q)

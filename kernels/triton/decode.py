@@ -89,15 +89,22 @@ def _decode_merge_kernel(
 
 
 def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_sink=None, fill=None,
-                     chunk=None, block_n=None):
-    """Launch: q [B, H, D] contiguous, pools [N, D], base/length int64 [B, H]; returns [B, H, D]."""
+                     max_length=None, chunk=None, block_n=None):
+    """Launch: q [B, H, D] contiguous, pools [N, D], base/length int64 [B, H]; returns [B, H, D].
+
+    max_length (an upper bound of `length` known on the host) avoids a device synchronisation.
+    """
     import torch  # noqa: PLC0415
 
     batch, heads, head_dim = q.shape
     block_d = triton.next_power_of_2(head_dim)
     block_n = block_n or 64
-    max_len = int(length.max()) if length.numel() else 0
-    chunk = chunk or max(block_n, min(1024, triton.next_power_of_2(max(max_len // 8, 1))))
+    max_len = max_length if max_length is not None else (int(length.max()) if length.numel() else 0)
+    if chunk is None:
+        # Split long heads so that there are a few programs per SM for them; short heads are one chunk.
+        programs = 4 * _multiprocessors(q.device)
+        chunk = triton.next_power_of_2(max(1, triton.cdiv(max_len * batch * heads // 4, programs)))
+        chunk = max(block_n, min(chunk, 4096))
     num_chunks = max(1, triton.cdiv(max_len, chunk))
     rows = batch * heads
     part_o = torch.empty(rows, num_chunks, head_dim, device=q.device, dtype=torch.float32)
@@ -115,3 +122,11 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_C=triton.next_power_of_2(num_chunks), HAS_FILL=fill is not None,
     )
     return out
+
+
+def _multiprocessors(device) -> int:
+    import torch  # noqa: PLC0415
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

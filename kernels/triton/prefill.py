@@ -108,10 +108,17 @@ def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length
     import torch  # noqa: PLC0415
 
     batch, heads, tokens, head_dim = q.shape
+    dtype = q.dtype
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m = block_m or 64
     block_n = block_n or 64
     out = torch.empty_like(q)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # Triton's CPU interpreter computes tl.dot of bf16 tiles wrongly (numpy has no bf16); there, and only
+        # there, the tiles are fed as fp32. On CUDA the kernel always runs on the native dtype.
+        q, k, v = q.float(), k.float(), v.float()
+        q_sink = None if q_sink is None else q_sink.float()
+        out = torch.empty_like(q)
     # Pools of another dtype than the block (never in the engine) would break tl.dot: cast them.
     k_pool = k_pool if k_pool.dtype == q.dtype else k_pool.to(q.dtype)
     v_pool = v_pool if v_pool.dtype == q.dtype else v_pool.to(q.dtype)
@@ -121,4 +128,4 @@ def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_QSINK=q_sink is not None, HAS_FILL=fill is not None,
     )
-    return out
+    return out.to(dtype)

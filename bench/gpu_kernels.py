@@ -1,0 +1,135 @@
+"""GPU kernel benchmark: Triton ragged decode and windowed prefill vs dense baselines, one run, one CSV.
+
+Decode: bandwidth = bytes of kept K/V read / time, beside the device-to-device copy bandwidth measured in the
+same run (bytes read + written / time) and the ratio of the two; vs torch SDPA over the dense cache, and vs
+flash-attn / FlashInfer when installed. Prefill: a windowed head (sink 4 + window 8 / 24) vs dense causal SDPA.
+Shapes: pythia-2.8b attention (32 heads of 80), the seed's head mix, contexts 1k-64k, batch 1-16.
+
+    python bench/gpu_kernels.py --csv bench/results/gpu_kernels.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import subprocess
+
+import torch
+import triton
+import triton.testing
+
+from headkv_engine import ops
+from headkv_engine.quickstart import seed_mix_profile
+
+HEADS, HEAD_DIM = 32, 80
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy of 1 GiB: (bytes read + bytes written) / time, in bytes/s."""
+    src = torch.empty(2**30 // 2, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50)
+    return 2 * src.nbytes / (ms * 1e-3)
+
+
+def ragged_cache(batch, context, dtype, device):
+    sink, window, _ = seed_mix_profile(1, HEADS, HEAD_DIM).layer_tensors(0, device=device)
+    kept = torch.minimum(torch.tensor(context, device=device), sink + window).expand(batch, HEADS).contiguous()
+    capacity = kept.flatten()
+    base = (torch.cumsum(capacity, 0) - capacity).view(batch, HEADS)
+    rows = int(capacity.sum())
+    k_pool = torch.randn(rows, HEAD_DIM, dtype=dtype, device=device)
+    v_pool = torch.randn(rows, HEAD_DIM, dtype=dtype, device=device)
+    return k_pool, v_pool, base, kept, sink, window
+
+
+def bench_decode(batch, context, dtype, device, copy_bw):
+    k_pool, v_pool, base, kept, sink, window = ragged_cache(batch, context, dtype, device)
+    q = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype, device=device)
+    scale = HEAD_DIM**-0.5
+    ours = triton.testing.do_bench(
+        lambda: ops.decode_attention(q, k_pool, v_pool, base, kept, scale=scale, backend="triton",
+                                     max_length=context), warmup=25, rep=200)
+    kv_bytes = k_pool.nbytes + v_pool.nbytes
+    k_dense = torch.randn(batch, HEADS, context, HEAD_DIM, dtype=dtype, device=device)
+    v_dense = torch.randn_like(k_dense)
+    qd = q[:, :, None]
+    sdpa = triton.testing.do_bench(
+        lambda: torch.nn.functional.scaled_dot_product_attention(qd, k_dense, v_dense), warmup=25, rep=200)
+    row = {
+        "op": "decode", "batch": batch, "context": context, "dtype": str(dtype).replace("torch.", ""),
+        "ours_ms": ours, "sdpa_dense_ms": sdpa, "speedup_vs_sdpa": sdpa / ours,
+        "kept_kv_bytes": kv_bytes, "dense_kv_bytes": k_dense.nbytes * 2,
+        "decode_bw_GBps": kv_bytes / (ours * 1e-3) / 1e9, "copy_bw_GBps": copy_bw / 1e9,
+        "bw_ratio": kv_bytes / (ours * 1e-3) / copy_bw,
+    }
+    try:
+        from flash_attn import flash_attn_with_kvcache  # noqa: PLC0415
+
+        kc, vc = k_dense.transpose(1, 2).contiguous(), v_dense.transpose(1, 2).contiguous()
+        qf = q[:, None]
+        row["flash_attn_dense_ms"] = triton.testing.do_bench(lambda: flash_attn_with_kvcache(qf, kc, vc))
+    except ImportError:
+        row["flash_attn_dense_ms"] = None
+    return row
+
+
+def bench_prefill(context, sink_size, window_size, dtype, device):
+    scale = HEAD_DIM**-0.5
+    q, k, v = (torch.randn(1, HEADS, context, HEAD_DIM, dtype=dtype, device=device) for _ in range(3))
+    positions = torch.arange(context, device=device)[None]
+    empty = torch.zeros(0, HEAD_DIM, dtype=dtype, device=device)
+    none = torch.zeros(1, HEADS, dtype=torch.long, device=device)
+    sink = torch.full((HEADS,), sink_size, device=device)
+    window = torch.full((HEADS,), window_size, device=device)
+    args = (q, k, v, positions, empty, empty, torch.zeros(0, dtype=torch.long, device=device), none, none, sink, window)
+    ours = triton.testing.do_bench(lambda: ops.prefill_attention(*args, scale=scale, backend="triton"))
+    dense = triton.testing.do_bench(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    return {
+        "op": f"prefill_sink{sink_size}_window{window_size}", "batch": 1, "context": context,
+        "dtype": str(dtype).replace("torch.", ""), "ours_ms": ours, "sdpa_dense_ms": dense,
+        "speedup_vs_sdpa": dense / ours, "target_speedup": 0.5 * context / (sink_size + window_size),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--csv", default="bench/results/gpu_kernels.csv")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    dtype = torch.float16
+    meta = {
+        "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__, "triton": triton.__version__,
+        "commit": os.environ.get("HEADKV_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown",
+    }
+    copy_bw = copy_bandwidth(device)
+    rows = []
+    for batch in args.batches:
+        for context in args.contexts:
+            if batch * context > 16 * 32768:  # keep the dense baseline within memory
+                continue
+            rows.append(bench_decode(batch, context, dtype, device, copy_bw))
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
+    for context in (2048, 8192, 32768):
+        for sink_size, window_size in ((4, 8), (4, 24), (4, 252)):
+            rows.append(bench_prefill(context, sink_size, window_size, dtype, device))
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
+    fields = sorted({key for row in rows for key in row} | set(meta))
+    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**meta, **row})
+    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s on {meta['device']}; wrote {args.csv}")
+
+
+if __name__ == "__main__":
+    main()
