@@ -1,0 +1,59 @@
+"""CUDA-only checks: the Triton backend on a real GPU, at shapes the interpreter cannot afford."""
+
+import pytest
+import torch
+
+import headkv_engine as hk
+from headkv_engine import ops
+from headkv_engine.quickstart import seed_mix_profile
+from reference_model import reference_logits, tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_decode_long_context_seed_mix(dtype):
+    heads, head_dim, context, batch = 32, 80, 8192, 2
+    sink, window, _ = seed_mix_profile(1, heads, head_dim).layer_tensors(0, device="cuda")
+    kept = torch.minimum(torch.tensor(context, device="cuda"), sink + window).expand(batch, heads).contiguous()
+    capacity = kept.flatten()
+    base = (torch.cumsum(capacity, 0) - capacity).view(batch, heads)
+    rows = int(capacity.sum())
+    k_pool, v_pool = (torch.randn(rows, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+    q = torch.randn(batch, heads, head_dim, device="cuda", dtype=dtype)
+    got = ops.decode_attention(q, k_pool, v_pool, base, kept, scale=head_dim**-0.5, backend="triton")
+    want = ops.decode_attention_reference(q, k_pool, v_pool, base, kept, scale=head_dim**-0.5)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_windowed_prefill_long_sequence(dtype):
+    heads, head_dim, tokens = 4, 80, 3000
+    q, k, v = (torch.randn(1, heads, tokens, head_dim, device="cuda", dtype=dtype) for _ in range(3))
+    positions = torch.arange(tokens, device="cuda")[None]
+    empty = torch.zeros(0, head_dim, device="cuda", dtype=dtype)
+    none = torch.zeros(1, heads, dtype=torch.long, device="cuda")
+    sink = torch.tensor([4, 0, 4, 0], device="cuda")
+    window = torch.tensor([8, 1, 300, 1 << 40], device="cuda")
+    args = (q, k, v, positions, empty, empty, torch.zeros(0, dtype=torch.long, device="cuda"), none, none, sink, window)
+    got = ops.prefill_attention(*args, scale=head_dim**-0.5, backend="triton")
+    want = ops.prefill_attention_reference(*args, scale=head_dim**-0.5)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("position_mode", ["absolute", "shifted"])
+def test_patched_model_on_cuda(position_mode):
+    from test_model import mixed_profile, stepwise_logits  # noqa: PLC0415
+
+    model = tiny_model(2, 4, 16).cuda()
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(1)).cuda()
+    profile = mixed_profile(fill=True)
+    ref = reference_logits(model, profile, ids, mode=position_mode)
+    with hk.patch_model(model, profile, backend="auto", position_mode=position_mode) as handle:
+        assert handle.backend == "auto"
+        got, cache = stepwise_logits(model, ids, first=9)
+        generated = model.generate(ids[:, :5], max_new_tokens=8, do_sample=False)
+    assert cache.stores[0].k_pool.is_cuda
+    assert (got - ref).abs().max() <= 1e-3
+    assert generated.shape == (2, 13)
