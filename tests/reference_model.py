@@ -61,9 +61,9 @@ def _reference_attention(self, hidden_states, attention_mask=None, layer_past=No
     qkv = self.query_key_value(hidden_states).view(batch, tokens, -1, 3 * self.head_size).transpose(1, 2)
     query, key, value = (x.float() for x in qkv.chunk(3, dim=-1))
     heads = query.shape[1]
-    cos_table, sin_table = ctx["rotary"](hidden_states, torch.arange(tokens + 1)[None])
+    cos_table, sin_table = ctx["rotary"](hidden_states, torch.arange(tokens + 1, device=hidden_states.device)[None])
     cos_table, sin_table = cos_table[0].float(), sin_table[0].float()
-    out = torch.zeros(batch, heads, tokens, self.head_size)
+    out = torch.zeros(batch, heads, tokens, self.head_size, device=hidden_states.device)
     for b in range(batch):
         col_of = {int(p): c for c, p in enumerate(ctx["positions"][b]) if p >= 0}
         for h in range(heads):
@@ -73,7 +73,7 @@ def _reference_attention(self, hidden_states, attention_mask=None, layer_past=No
                     continue
                 keys = kept_keys(policy, t)
                 if not keys:
-                    out[b, h, c] = torch.tensor(policy.fill) if policy.fill else 0.0
+                    out[b, h, c] = torch.tensor(policy.fill, device=out.device) if policy.fill else 0.0
                     continue
                 ranks = list(range(len(keys))) if ctx["mode"] == "shifted" else keys
                 q_pos = len(keys) - 1 if ctx["mode"] == "shifted" else t
@@ -87,7 +87,7 @@ def _reference_attention(self, hidden_states, attention_mask=None, layer_past=No
 
 
 def positions_from_mask(mask):
-    return torch.where(mask.bool(), mask.long().cumsum(1) - 1, torch.full_like(mask.long(), -1))
+    return torch.where(mask.bool(), mask.long().cumsum(1) - 1, torch.full_like(mask.long(), -1)).cpu()
 
 
 @contextlib.contextmanager
@@ -109,4 +109,4 @@ def reference_logits(model, profile, ids, mask=None, mode="absolute"):
     mask = torch.ones_like(ids) if mask is None else mask
     positions = positions_from_mask(mask)
     with reference_attention(model, profile, positions, mode):
-        return model(ids, attention_mask=mask, position_ids=positions.clamp(min=0), use_cache=False).logits
+        return model(ids, attention_mask=mask, position_ids=positions.clamp(min=0).to(ids.device), use_cache=False).logits

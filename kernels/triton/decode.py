@@ -101,9 +101,10 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
     block_n = block_n or 64
     max_len = max_length if max_length is not None else (int(length.max()) if length.numel() else 0)
     if chunk is None:
-        # Split long heads so that there are a few programs per SM for them; short heads are one chunk.
-        programs = 4 * _multiprocessors(q.device)
-        chunk = triton.next_power_of_2(max(1, triton.cdiv(max_len * batch * heads // 4, programs)))
+        # Split the rows of all heads (the pool size, known on the host) into about 8 chunks per SM, so that
+        # long heads spread over the whole GPU; window heads stay one chunk.
+        programs = 8 * _multiprocessors(q.device)
+        chunk = triton.next_power_of_2(max(1, triton.cdiv(k_pool.shape[0], programs)))
         chunk = max(block_n, min(chunk, 4096))
     num_chunks = max(1, triton.cdiv(max_len, chunk))
     rows = batch * heads

@@ -12,11 +12,11 @@ import triton.language as tl
 
 @triton.jit
 def _tile(acc, m, l, q, qs, k_tile_ptr, v_tile_ptr, kp, q_pos, sink, window, scale, ok_k, d_ok,
-          HAS_QSINK: tl.constexpr):
+          HAS_QSINK: tl.constexpr, PRECISION: tl.constexpr):
     k = tl.load(k_tile_ptr, mask=ok_k[:, None] & d_ok[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
     if HAS_QSINK:
-        s_sink = tl.dot(qs, tl.trans(k)).to(tl.float32) * scale
+        s_sink = tl.dot(qs, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
         s = tl.where((kp < sink)[None, :], s_sink, s)
     seen = ok_k[None, :] & (kp[None, :] >= 0) & (q_pos[:, None] >= 0) & (kp[None, :] <= q_pos[:, None])
     seen = seen & ((kp[None, :] < sink) | (kp[None, :] > q_pos[:, None] - window))
@@ -26,7 +26,7 @@ def _tile(acc, m, l, q, qs, k_tile_ptr, v_tile_ptr, kp, q_pos, sink, window, sca
     alpha = tl.exp(m - m_safe)
     p = tl.exp(s - m_safe[:, None])
     v = tl.load(v_tile_ptr, mask=ok_k[:, None] & d_ok[None, :], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
     l = l * alpha + tl.sum(p, axis=1)
     return acc, m_new, l
 
@@ -37,7 +37,7 @@ def _prefill_kernel(
     sink_ptr, window_ptr, fill_ptr, out_ptr,
     scale, num_heads, tokens,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_QSINK: tl.constexpr, HAS_FILL: tl.constexpr,
+    HAS_QSINK: tl.constexpr, HAS_FILL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
@@ -68,7 +68,7 @@ def _prefill_kernel(
         kp = tl.load(ppool_ptr + base + cols, mask=ok_k, other=-1)
         offs = (base + cols)[:, None] * HEAD_DIM + d[None, :]
         acc, m, l = _tile(acc, m, l, q, qs, kpool_ptr + offs, vpool_ptr + offs, kp, q_pos, sink, window, scale,
-                          ok_k, d_ok, HAS_QSINK)
+                          ok_k, d_ok, HAS_QSINK, PRECISION)
 
     # 2. the block's own keys: real columns map linearly to positions, column = position - offset
     last_pos = tl.load(pos_ptr + b * tokens + tokens - 1)
@@ -83,14 +83,14 @@ def _prefill_kernel(
         kp = tl.load(pos_ptr + b * tokens + cols, mask=ok_k, other=-1)
         offs = seq + cols[:, None] * HEAD_DIM + d[None, :]
         acc, m, l = _tile(acc, m, l, q, qs, k_ptr + offs, v_ptr + offs, kp, q_pos, sink, window, scale,
-                          ok_k, d_ok, HAS_QSINK)
+                          ok_k, d_ok, HAS_QSINK, PRECISION)
     for n0 in range(win_lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         ok_k = cols < hi
         kp = tl.load(pos_ptr + b * tokens + cols, mask=ok_k, other=-1)
         offs = seq + cols[:, None] * HEAD_DIM + d[None, :]
         acc, m, l = _tile(acc, m, l, q, qs, k_ptr + offs, v_ptr + offs, kp, q_pos, sink, window, scale,
-                          ok_k, d_ok, HAS_QSINK)
+                          ok_k, d_ok, HAS_QSINK, PRECISION)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     if HAS_FILL:
@@ -102,6 +102,16 @@ def _prefill_kernel(
              mask=r_ok[:, None] & d_ok[None, :])
 
 
+_prefill_kernel_tuned = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2), (64, 64, 8, 3),
+                              (128, 32, 4, 2)]
+    ],
+    key=["HEAD_DIM", "tokens", "HAS_QSINK", "PRECISION"],
+)(_prefill_kernel)
+
+
 def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size, window_size, scale,
                       q_sink=None, fill=None, block_m=None, block_n=None):
     """Launch: q, k, v [B, H, T, D] contiguous; returns [B, H, T, D]."""
@@ -110,8 +120,6 @@ def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length
     batch, heads, tokens, head_dim = q.shape
     dtype = q.dtype
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = block_m or 64
-    block_n = block_n or 64
     out = torch.empty_like(q)
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # Triton's CPU interpreter computes tl.dot of bf16 tiles wrongly (numpy has no bf16); there, and only
@@ -122,10 +130,17 @@ def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length
     # Pools of another dtype than the block (never in the engine) would break tl.dot: cast them.
     k_pool = k_pool if k_pool.dtype == q.dtype else k_pool.to(q.dtype)
     v_pool = v_pool if v_pool.dtype == q.dtype else v_pool.to(q.dtype)
-    _prefill_kernel[(batch * heads, triton.cdiv(tokens, block_m))](
+    args = (
         q, q_sink if q_sink is not None else q, k, v, positions, k_pool, v_pool, pos_pool, base, length,
         sink_size, window_size, fill if fill is not None else q, out, scale, heads, tokens,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_QSINK=q_sink is not None, HAS_FILL=fill is not None,
     )
+    # fp32 inputs keep fp32 products (no TF32), so the fp32 tolerance of the references holds.
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_QSINK=q_sink is not None, HAS_FILL=fill is not None,
+                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    if q.device.type == "cuda" and block_m is None and block_n is None:
+        grid = lambda meta: (batch * heads, triton.cdiv(tokens, meta["BLOCK_M"]))  # noqa: E731
+        _prefill_kernel_tuned[grid](*args, **flags)
+    else:
+        _prefill_kernel[(batch * heads, triton.cdiv(tokens, block_m or 64))](
+            *args, BLOCK_M=block_m or 64, BLOCK_N=block_n or 64, **flags)
     return out.to(dtype)
