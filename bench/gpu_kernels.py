@@ -126,6 +126,7 @@ def main(argv=None):
     meta = {
         "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__, "triton": triton.__version__,
+        # the device copy of the tree has no .git: pass HEADKV_COMMIT=$(git rev-parse --short HEAD) from the checkout
         "commit": os.environ.get("HEADKV_COMMIT") or subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown",
     }
