@@ -8,12 +8,14 @@
 
 from headkv_engine.backends import available_backends, cpu_unavailable_reason
 from headkv_engine.cache import HeadKVCache
+from headkv_engine.evaluation import EvalResult, evaluate
 from headkv_engine.patching import PatchHandle, patch_model, unpatch_model
 from headkv_engine.profile import HeadPolicy, Profile, ProfileError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EvalResult",
     "HeadKVCache",
     "HeadPolicy",
     "PatchHandle",
@@ -21,6 +23,7 @@ __all__ = [
     "ProfileError",
     "available_backends",
     "cpu_unavailable_reason",
+    "evaluate",
     "patch_model",
     "unpatch_model",
 ]

@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+
+import headkv_engine as hk
+from reference_model import reference_logits, tiny_model
+from test_model import HEAD_DIM, HEADS, LAYERS, mixed_profile
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(LAYERS, HEADS, HEAD_DIM)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(11))
+
+
+def expected_metrics(model, profile, ids, mode="absolute"):
+    logits = reference_logits(model, profile, ids, mode=mode)[:, :-1].float()
+    targets = ids[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).item()
+    accuracy = (logits.argmax(-1) == targets).float().mean().item()
+    return math.exp(nll), accuracy
+
+
+def test_one_pass_matches_the_masked_reference(model, ids):
+    profile = mixed_profile()
+    result = hk.evaluate(model, ids, profile, backend="torch")
+    ppl, accuracy = expected_metrics(model, profile, ids)
+    assert result.perplexity == pytest.approx(ppl, rel=1e-4)
+    assert result.accuracy == pytest.approx(accuracy)
+    assert result.tokens == 2 * 39
+    assert result.effective_context == pytest.approx(profile.effective_context(40))
+    assert "forward" not in vars(model.gpt_neox)  # evaluation unpatches the model
+
+
+@pytest.mark.parametrize("position_mode", ["absolute", "shifted"])
+def test_one_pass_equals_stepwise(model, ids, position_mode):
+    profile = mixed_profile()
+    one = hk.evaluate(model, ids, profile, backend="torch", position_mode=position_mode)
+    chunked = hk.evaluate(model, ids, profile, backend="torch", position_mode=position_mode, chunk_size=7)
+    step = hk.evaluate(model, ids, profile, mode="stepwise", backend="torch", position_mode=position_mode)
+    assert one.perplexity == pytest.approx(step.perplexity, rel=1e-4)
+    assert chunked.perplexity == pytest.approx(step.perplexity, rel=1e-4)
+    assert one.accuracy == step.accuracy == chunked.accuracy
+
+
+def test_full_profile_is_the_unpatched_model(model, ids):
+    result = hk.evaluate(model, ids, backend="torch")
+    logits = model(ids).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+    assert result.perplexity == pytest.approx(math.exp(nll), rel=1e-4)
+    assert result.effective_context == 40
+
+
+def test_compression_costs_perplexity(model, ids):
+    full = hk.evaluate(model, ids, backend="torch")
+    tight = hk.evaluate(model, ids, hk.Profile.window_only(LAYERS, HEADS, window_size=2), backend="torch")
+    assert tight.perplexity != pytest.approx(full.perplexity, rel=1e-3)
+    assert tight.effective_context == 2
+
+
+def test_bad_arguments(model, ids):
+    with pytest.raises(ValueError, match="mode"):
+        hk.evaluate(model, ids, mode="fast")
+    with pytest.raises(ValueError, match="chunk_size"):
+        hk.evaluate(model, ids, chunk_size=0)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        hk.evaluate(model, [ids[0, :1]])
