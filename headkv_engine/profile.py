@@ -193,6 +193,39 @@ class Profile:
             meta["classifications_file"] = os.fspath(source)
         return cls(num_layers, num_heads, head_dim, heads=heads, meta=meta)
 
+    @classmethod
+    def head_aware(cls, classifications, **kwargs):
+        """The seed's recommended policies per head type (seed 000/002): a profile from a classification."""
+        return cls.from_classifications(classifications, **kwargs)
+
+    @classmethod
+    def confidence_based(cls, classifications, threshold: float, base_window: int, windows=None):
+        """Seed 004 group G (`G_conf{threshold}_base{base_window}`); see headkv_engine.groups."""
+        from headkv_engine import groups  # noqa: PLC0415
+
+        return groups.confidence_based(classifications, threshold, base_window, windows)
+
+    @classmethod
+    def by_type(cls, classifications, positional: int, mixed: int, gathering: int, group: str = "I"):
+        """Seed 004 groups I / J (`I_pos{a}_mix{b}_g{c}`): a window per head type, 4 sinks each."""
+        from headkv_engine import groups  # noqa: PLC0415
+
+        return groups.by_type(classifications, positional, mixed, gathering, group)
+
+    @classmethod
+    def uniform_aware(cls, classifications, window: int):
+        """Seed 004 group K (`K_uniform{w}_aware`): sink 4 + window w everywhere, dead heads pruned."""
+        from headkv_engine import groups  # noqa: PLC0415
+
+        return groups.uniform_aware(classifications, window)
+
+    @classmethod
+    def from_group_name(cls, name: str, classifications=None, num_layers=None, num_heads=None):
+        """The profile a seed 004 configuration name describes (A_window_512, B_streaming_64, G_conf0.7_base64...)."""
+        from headkv_engine import groups  # noqa: PLC0415
+
+        return groups.from_group_name(name, classifications, num_layers, num_heads)
+
     # --- queries ------------------------------------------------------------------------------------------
 
     def policy(self, layer: int, head: int) -> HeadPolicy:
