@@ -226,6 +226,14 @@ class Profile:
 
         return groups.from_group_name(name, classifications, num_layers, num_heads)
 
+    @classmethod
+    def from_budget(cls, statistics, mean_tokens: float, length: int | None = None, sink_size: int | None = None):
+        """Every head's sink and window chosen to cover the most attention mass under a mean budget of
+        `mean_tokens` kept tokens (see headkv_engine.budget); `statistics` from hk.analyze or its JSON."""
+        from headkv_engine import budget  # noqa: PLC0415
+
+        return budget.from_budget(statistics, mean_tokens, length=length, sink_size=sink_size)
+
     # --- queries ------------------------------------------------------------------------------------------
 
     def policy(self, layer: int, head: int) -> HeadPolicy:

@@ -1,0 +1,103 @@
+"""The ablation study of seed 004, run on any GPTNeoX: which policy gives the best perplexity at a KV budget.
+
+`run_ablation` evaluates every configuration of the chosen ablations on one text, appending each result to a
+JSON file as it finishes (a rerun skips what is there), then `write_report` draws the tables and plots.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+
+import torch
+from tqdm.auto import tqdm
+
+from headkv_engine.evaluation import evaluate
+from headkv_engine.profile import Profile, write_json_atomic
+
+BUDGETS = (32, 64, 128, 256, 512)
+RESULTS_FORMAT = "headkv-ablation/1"
+
+
+def configurations(ablation: str, classifications=None, statistics=None, budgets=BUDGETS) -> list[tuple[str, str]]:
+    """(name, group) of every configuration of `ablation` (all, sink_importance, window_size, head_aware, groups)."""
+    sink_importance = [(f"A_window_{w}", "A") for w in (64, 128, 256, 512)] + [
+        (f"B_streaming_{w}", "B") for w in (64, 128, 256, 512)
+    ]
+    window_size = [(f"B_streaming_{w}", "B") for w in budgets]
+    head_aware = []
+    if classifications is not None:
+        head_aware = (
+            [("head_aware", "head_aware")]
+            + [(f"K_uniform{w}_aware", "K") for w in (64, 128)]
+            + [(f"I_pos{p}_mix{m}_g128", "I") for p in (128, 256, 512) for m in (64, 128)]
+            + [("J_pos64_mix64_g128", "J"), ("J_pos128_mix128_g64", "J")]
+        )
+    groups = []
+    if classifications is not None:
+        groups = [(f"G_conf{t:g}_base{b}", "G") for b in (64, 128) for t in (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8)]
+    from_budget = [(f"from_budget_{b}", "from_budget") for b in budgets] if statistics is not None else []
+    chosen = {
+        "sink_importance": sink_importance,
+        "window_size": window_size,
+        "head_aware": head_aware,
+        "groups": groups,
+        "all": [("full", "full")] + sink_importance + window_size + head_aware + groups + from_budget,
+    }
+    if ablation not in chosen:
+        raise ValueError(f"ablation must be one of {sorted(chosen)}, got {ablation!r}")
+    if ablation in ("head_aware", "groups") and classifications is None:
+        raise ValueError(f"ablation {ablation!r} needs --classifications (a head_classifications.json)")
+    unique = list(dict.fromkeys(chosen[ablation]))
+    return unique
+
+
+def build_profile(name: str, num_layers: int, num_heads: int, classifications=None, statistics=None) -> Profile:
+    if name == "full":
+        return Profile.full(num_layers, num_heads)
+    if name == "head_aware":
+        return Profile.head_aware(classifications)
+    if name.startswith("from_budget_"):
+        return Profile.from_budget(statistics, mean_tokens=int(name.rsplit("_", 1)[1]))
+    return Profile.from_group_name(name, classifications, num_layers, num_heads)
+
+
+def _commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.check_output(["git", "-C", here, "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_ablation(model, input_ids: torch.Tensor, output_dir, *, ablation="all", classifications=None, statistics=None,
+                 model_name="model", budgets=BUDGETS, backend="auto", progress=True) -> dict:
+    """Evaluate every configuration; results go to `output_dir/ablation_results.json` after each one."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "ablation_results.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+        if results.get("format") != RESULTS_FORMAT or results.get("model") != model_name:
+            raise ValueError(f"{path} holds results of another run (model {results.get('model')!r}); use another "
+                             "--output-dir or --force")
+    else:
+        results = {"format": RESULTS_FORMAT, "model": model_name, "tokens": int(input_ids.numel()),
+                   "created": datetime.datetime.now().isoformat(timespec="seconds"), "configs": []}
+    done = {c["name"] for c in results["configs"]}
+    todo = [c for c in configurations(ablation, classifications, statistics, budgets) if c[0] not in done]
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    for name, group in tqdm(todo, desc="ablation", disable=not progress):
+        profile = build_profile(name, layers, heads, classifications, statistics)
+        result = evaluate(model, input_ids, profile, backend=backend)
+        results["configs"].append({
+            "name": name, "group": group, "parameters": profile.meta, "perplexity": result.perplexity,
+            "accuracy": result.accuracy, "effective_context": result.effective_context, "tokens": result.tokens,
+            "kv_fraction": profile.summary(int(input_ids.shape[-1]))["kv_fraction"], "seconds": result.seconds,
+            "model": model_name, "commit": _commit(),
+        })
+        write_json_atomic(path, results)
+    return results
