@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from headkv_engine.backends import load_cpu_extension, resolve_backend
+from headkv_engine.backends import resolve_backend
 from headkv_engine.kernel_sources import triton_module
+from headkv_engine.ops import _cpu
 from headkv_engine.ops._checks import FLOAT_DTYPES, check_index, check_pools, check_tensor
 
 
@@ -68,8 +69,4 @@ def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_si
             sink_size.contiguous(), window_size.contiguous(),
         )
         return
-    ext, _ = load_cpu_extension()
-    ext.append(
-        k_pool, v_pool, pos_pool, base.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(),
-        sink_size.contiguous(), window_size.contiguous(),
-    )
+    _cpu.append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from headkv_engine.backends import load_cpu_extension, resolve_backend
+from headkv_engine.backends import resolve_backend
 from headkv_engine.kernel_sources import triton_module
+from headkv_engine.ops import _cpu
 from headkv_engine.ops._checks import FLOAT_DTYPES, check_fill, check_index, check_pools, check_tensor, gather_slots
 
 
@@ -66,12 +67,4 @@ def decode_attention(
             q_sink=None if q_sink is None else q_sink.contiguous(),
             fill=None if fill is None else fill.float().contiguous(), max_length=max_length,
         )
-    ext, _ = load_cpu_extension()
-    out = torch.empty_like(q)
-    fill32 = None if fill is None else fill.float().contiguous()
-    ext.decode_attention(
-        q.contiguous(), None if q_sink is None else q_sink.contiguous(),
-        k_pool.contiguous(), v_pool.contiguous(), base.contiguous(), length.contiguous(),
-        None if sink_size is None else sink_size.contiguous(), fill32, out, float(scale),
-    )
-    return out
+    return _cpu.decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=sink_size, q_sink=q_sink, fill=fill)

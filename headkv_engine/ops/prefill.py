@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from headkv_engine.backends import load_cpu_extension, resolve_backend
+from headkv_engine.backends import resolve_backend
 from headkv_engine.kernel_sources import triton_module
+from headkv_engine.ops import _cpu
 from headkv_engine.ops._checks import FLOAT_DTYPES, check_fill, check_index, check_pools, check_tensor, gather_slots
 
 
@@ -100,12 +101,7 @@ def prefill_attention(
             sink_size.contiguous(), window_size.contiguous(), scale,
             q_sink=None if q_sink is None else q_sink.contiguous(), fill=None if fill is None else fill.float().contiguous(),
         )
-    ext, _ = load_cpu_extension()
-    out = torch.empty_like(q)
-    ext.prefill_attention(
-        q.contiguous(), None if q_sink is None else q_sink.contiguous(), k.contiguous(), v.contiguous(),
-        positions.contiguous(), k_pool.contiguous(), v_pool.contiguous(), pos_pool.contiguous(),
-        base.contiguous(), length.contiguous(), sink_size.contiguous(), window_size.contiguous(),
-        None if fill is None else fill.float().contiguous(), out, float(scale),
+    return _cpu.prefill_attention(
+        q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size, window_size, scale,
+        q_sink=q_sink, fill=fill,
     )
-    return out

@@ -1,0 +1,60 @@
+// Python bindings of the CPU kernels: pointers (as integers), sizes and dtype codes in; the GIL is released
+// while a kernel runs. headkv_engine/ops/_cpu.py is the only caller.
+#include <pybind11/pybind11.h>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "headkv-engine CPU kernels (ragged per-head KV cache attention)";
+  m.def(
+      "decode_attention",
+      [](uintptr_t q, uintptr_t q_sink, uintptr_t k_pool, uintptr_t v_pool, uintptr_t base, uintptr_t length,
+         uintptr_t sink_size, uintptr_t fill, uintptr_t out, int64_t batch, int64_t heads, int64_t head_dim,
+         int q_dtype, int kv_dtype, float scale) {
+        py::gil_scoped_release release;
+        headkv::decode_attention(ptr<const void>(q), ptr<const void>(q_sink), ptr<const void>(k_pool),
+                                 ptr<const void>(v_pool), ptr<const int64_t>(base), ptr<const int64_t>(length),
+                                 ptr<const int64_t>(sink_size), ptr<const float>(fill), ptr<void>(out), batch, heads,
+                                 head_dim, q_dtype, kv_dtype, scale);
+      },
+      "Ragged decode attention (see headkv_engine.ops.decode_attention).");
+  m.def(
+      "prefill_attention",
+      [](uintptr_t q, uintptr_t q_sink, uintptr_t k, uintptr_t v, uintptr_t positions, uintptr_t k_pool,
+         uintptr_t v_pool, uintptr_t pos_pool, uintptr_t base, uintptr_t length, uintptr_t sink_size,
+         uintptr_t window_size, uintptr_t fill, uintptr_t out, int64_t batch, int64_t heads, int64_t tokens,
+         int64_t head_dim, int q_dtype, int kv_dtype, float scale) {
+        py::gil_scoped_release release;
+        headkv::prefill_attention(ptr<const void>(q), ptr<const void>(q_sink), ptr<const void>(k), ptr<const void>(v),
+                                  ptr<const int64_t>(positions), ptr<const void>(k_pool), ptr<const void>(v_pool),
+                                  ptr<const int64_t>(pos_pool), ptr<const int64_t>(base), ptr<const int64_t>(length),
+                                  ptr<const int64_t>(sink_size), ptr<const int64_t>(window_size),
+                                  ptr<const float>(fill), ptr<void>(out), batch, heads, tokens, head_dim, q_dtype,
+                                  kv_dtype, scale);
+      },
+      "Masked prefill attention (see headkv_engine.ops.prefill_attention).");
+  m.def(
+      "append",
+      [](uintptr_t k_pool, uintptr_t v_pool, uintptr_t pos_pool, uintptr_t base, uintptr_t k, uintptr_t v,
+         uintptr_t positions, uintptr_t sink_size, uintptr_t window_size, int64_t batch, int64_t heads,
+         int64_t tokens, int64_t head_dim, int kv_dtype, int new_dtype) {
+        py::gil_scoped_release release;
+        headkv::append(ptr<void>(k_pool), ptr<void>(v_pool), ptr<int64_t>(pos_pool), ptr<const int64_t>(base),
+                       ptr<const void>(k), ptr<const void>(v), ptr<const int64_t>(positions),
+                       ptr<const int64_t>(sink_size), ptr<const int64_t>(window_size), batch, heads, tokens, head_dim,
+                       kv_dtype, new_dtype);
+      },
+      "Write new keys/values into the ragged layout (see headkv_engine.ops.append).");
+}

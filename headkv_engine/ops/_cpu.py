@@ -1,0 +1,68 @@
+"""Calls into the compiled CPU kernels: tensors become data pointers, sizes and dtype codes.
+
+The dispatchers in this package have checked shapes, dtypes and devices; here tensors are made contiguous
+and the extension (which does not link libtorch) gets their addresses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headkv_engine.backends import load_cpu_extension
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _ext():
+    ext, reason = load_cpu_extension()
+    if ext is None:
+        raise RuntimeError(f"backend 'cpu' is unavailable: {reason}")
+    return ext
+
+
+def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_sink=None, fill=None):
+    q, k_pool, v_pool = q.contiguous(), k_pool.contiguous(), v_pool.contiguous()
+    base, length = base.contiguous(), length.contiguous()
+    q_sink = None if q_sink is None else q_sink.contiguous()
+    sink_size = None if sink_size is None else sink_size.contiguous()
+    fill = None if fill is None else fill.float().contiguous()
+    out = torch.empty_like(q)
+    batch, heads, head_dim = q.shape
+    _ext().decode_attention(
+        _ptr(q), _ptr(q_sink), _ptr(k_pool), _ptr(v_pool), _ptr(base), _ptr(length), _ptr(sink_size), _ptr(fill),
+        _ptr(out), batch, heads, head_dim, DTYPE_CODES[q.dtype], DTYPE_CODES[k_pool.dtype], float(scale),
+    )
+    return out
+
+
+def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size, window_size, scale,
+                      q_sink=None, fill=None):
+    q, k, v, positions = q.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous()
+    k_pool, v_pool, pos_pool = k_pool.contiguous(), v_pool.contiguous(), pos_pool.contiguous()
+    base, length = base.contiguous(), length.contiguous()
+    sink_size, window_size = sink_size.contiguous(), window_size.contiguous()
+    q_sink = None if q_sink is None else q_sink.contiguous()
+    fill = None if fill is None else fill.float().contiguous()
+    out = torch.empty_like(q)
+    batch, heads, tokens, head_dim = q.shape
+    _ext().prefill_attention(
+        _ptr(q), _ptr(q_sink), _ptr(k), _ptr(v), _ptr(positions), _ptr(k_pool), _ptr(v_pool), _ptr(pos_pool),
+        _ptr(base), _ptr(length), _ptr(sink_size), _ptr(window_size), _ptr(fill), _ptr(out),
+        batch, heads, tokens, head_dim, DTYPE_CODES[q.dtype], DTYPE_CODES[k_pool.dtype], float(scale),
+    )
+    return out
+
+
+def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size):
+    """In place: the pools must already be contiguous (the dispatcher checks)."""
+    k, v, positions = k.contiguous(), v.contiguous(), positions.contiguous()
+    base, sink_size, window_size = base.contiguous(), sink_size.contiguous(), window_size.contiguous()
+    batch, heads, tokens, head_dim = k.shape
+    _ext().append(
+        _ptr(k_pool), _ptr(v_pool), _ptr(pos_pool), _ptr(base), _ptr(k), _ptr(v), _ptr(positions), _ptr(sink_size),
+        _ptr(window_size), batch, heads, tokens, head_dim, DTYPE_CODES[k_pool.dtype], DTYPE_CODES[k.dtype],
+    )
