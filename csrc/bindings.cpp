@@ -57,4 +57,16 @@ PYBIND11_MODULE(_C, m) {
                        kv_dtype, new_dtype);
       },
       "Write new keys/values into the ragged layout (see headkv_engine.ops.append).");
+  m.def(
+      "head_statistics",
+      [](uintptr_t q, uintptr_t k, int64_t heads, int64_t tokens_q, int64_t tokens_k, int64_t head_dim, int dtype,
+         int64_t q_start, float scale, int64_t sink_size, int64_t local_window, double recent_ratio,
+         int64_t min_query, int64_t log2_bins, uintptr_t sums) {
+        py::gil_scoped_release release;
+        headkv::head_statistics(ptr<const void>(q), ptr<const void>(k), heads, tokens_q, tokens_k, head_dim, dtype,
+                                q_start, scale, sink_size, local_window, recent_ratio, min_query, log2_bins,
+                                ptr<double>(sums));
+      },
+      "Per-head attention statistic sums (see headkv_engine.ops.head_statistics).");
+  m.def("head_statistics_fields", &headkv::head_statistics_fields, "Doubles per head in head_statistics' output.");
 }

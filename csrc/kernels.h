@@ -19,4 +19,10 @@ void append(void* k_pool, void* v_pool, int64_t* pos_pool, const int64_t* base, 
             const int64_t* positions, const int64_t* sink_size, const int64_t* window_size, int64_t batch,
             int64_t heads, int64_t tokens, int64_t head_dim, int kv_dtype, int new_dtype);
 
+int64_t head_statistics_fields(int64_t log2_bins);
+
+void head_statistics(const void* q, const void* k, int64_t heads, int64_t tokens_q, int64_t tokens_k,
+                     int64_t head_dim, int dtype, int64_t q_start, float scale, int64_t sink_size,
+                     int64_t local_window, double recent_ratio, int64_t min_query, int64_t log2_bins, double* sums);
+
 }  // namespace headkv
