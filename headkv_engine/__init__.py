@@ -6,16 +6,37 @@
         out = model.generate(input_ids, max_new_tokens=64)   # the cache is a ragged hk.HeadKVCache
 """
 
+__version__ = "0.1.0"  # before the imports: submodules record it in their outputs
+
+from headkv_engine.analysis import (
+    AnalysisResult,
+    AttentionAnalyzer,
+    HeadClassification,
+    HeadStatistics,
+    HeadType,
+    Thresholds,
+    analyze,
+    classify,
+    save_classifications,
+)
 from headkv_engine.backends import available_backends, cpu_unavailable_reason
 from headkv_engine.cache import HeadKVCache
 from headkv_engine.evaluation import EvalResult, evaluate
 from headkv_engine.patching import PatchHandle, patch_model, unpatch_model
 from headkv_engine.profile import HeadPolicy, Profile, ProfileError
 
-__version__ = "0.1.0"
 
 __all__ = [
+    "AnalysisResult",
+    "AttentionAnalyzer",
     "EvalResult",
+    "HeadClassification",
+    "HeadStatistics",
+    "HeadType",
+    "Thresholds",
+    "analyze",
+    "classify",
+    "save_classifications",
     "HeadKVCache",
     "HeadPolicy",
     "PatchHandle",

@@ -1,0 +1,116 @@
+"""Text reports of an analysis (analysis_summary.txt, validation_report.txt) and the seed's AttentionAnalyzer."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from headkv_engine.analysis.analyzer import AnalysisResult, analyze
+from headkv_engine.analysis.classify import classify, save_classifications, summarize
+from headkv_engine.analysis.plots import analysis_figures, validation_figures
+
+
+def _write_text(path, text):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def summary_text(statistics, classifications, model_info) -> str:
+    summary = summarize(classifications)
+    lines = [
+        "HEAD ANALYSIS SUMMARY",
+        "=" * 60,
+        f"model: {model_info.get('model')}  tokens: {model_info.get('tokens')}  backend: {model_info.get('backend')}",
+        f"layers x heads: {model_info.get('num_layers')} x {model_info.get('num_heads')}  sink_size: "
+        f"{model_info.get('sink_size')}  local_window: {model_info.get('local_window')}  recent_ratio: "
+        f"{model_info.get('recent_ratio')}",
+        "",
+        "CLASSIFICATION SUMMARY",
+        "-" * 40,
+    ]
+    total = summary["total_heads"]
+    for kind, count in summary["type_distribution"].items():
+        lines.append(f"  {kind:<18}: {count:5d} heads ({100 * count / total:5.1f}%)")
+    lines += [
+        "",
+        "COMPRESSION POTENTIAL",
+        "-" * 40,
+        f"  Compressible (not full cache): {summary['compressible_heads']} ({100 * summary['compressible_heads'] / total:.1f}%)",
+        f"  Require sink tokens: {summary['heads_needing_sinks']} ({100 * summary['heads_needing_sinks'] / total:.1f}%)",
+        f"  Prunable: {summary['prunable_heads']}",
+        "",
+        "MEAN STATISTICS",
+        "-" * 40,
+        f"  entropy {sum(s.mean_entropy for s in statistics) / total:.3f} nats, sink ratio "
+        f"{sum(s.sink_ratio for s in statistics) / total:.3f}, local "
+        f"{sum(s.position_preference['local'] for s in statistics) / total:.3f}",
+        "",
+        "COMPRESSIBLE HEADS (layer, head, type, strategy, window, confidence)",
+        "-" * 40,
+    ]
+    for c in classifications:
+        if not c.use_full_cache:
+            lines.append(f"  L{c.layer_idx:02d} H{c.head_idx:02d}  {c.head_type:<16} {c.compression_strategy:<12} "
+                         f"window {c.recommended_window:>4}  confidence {c.confidence:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def write_analysis(result: AnalysisResult, output_dir, scheme="refined", thresholds=None) -> list[str]:
+    """head_statistics.json, head_classifications.json, the five figures and analysis_summary.txt."""
+    os.makedirs(output_dir, exist_ok=True)
+    result.save(output_dir)
+    classifications = classify(result.statistics, scheme=scheme, thresholds=thresholds)
+    save_classifications(classifications, os.path.join(output_dir, "head_classifications.json"), scheme, thresholds)
+    figures = analysis_figures(result.statistics, output_dir)
+    _write_text(os.path.join(output_dir, "analysis_summary.txt"),
+                summary_text(result.statistics, classifications, result.model_info))
+    return ["head_statistics.json", "head_classifications.json", *figures, "analysis_summary.txt"]
+
+
+def write_validation(statistics, model_info, output_dir, thresholds=None) -> list[str]:
+    """Re-classify (refined scheme) and write the validation figures, report and refined_classifications.json."""
+    os.makedirs(output_dir, exist_ok=True)
+    classifications = classify(statistics, scheme="refined", thresholds=thresholds)
+    save_classifications(classifications, os.path.join(output_dir, "refined_classifications.json"), "refined", thresholds)
+    figures = validation_figures(statistics, classifications, output_dir)
+    legacy = summarize(classify(statistics, scheme="legacy", thresholds=thresholds))
+    text = summary_text(statistics, classifications, model_info)
+    text += "\nLEGACY SCHEME (for the seed 004 ablation groups)\n" + "-" * 40 + "\n"
+    text += "".join(f"  {k:<18}: {v:5d}\n" for k, v in legacy["type_distribution"].items())
+    low_confidence = [c for c in classifications if c.confidence < 0.3]
+    text += f"\nLOW-CONFIDENCE HEADS (< 0.3): {len(low_confidence)} of {len(classifications)}\n"
+    _write_text(os.path.join(output_dir, "validation_report.txt"), text)
+    return ["refined_classifications.json", *figures, "validation_report.txt"]
+
+
+class AttentionAnalyzer:
+    """The seed's analyser (seed 002): text in, per-head statistics out."""
+
+    def __init__(self, model, tokenizer, device="cpu", sink_size=4, local_window=8, recent_ratio=0.1, backend="auto"):
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.sink_size, self.local_window, self.recent_ratio = sink_size, local_window, recent_ratio
+        self.backend = backend
+        self.last_result: AnalysisResult | None = None
+
+    def analyze(self, text: str, max_tokens: int = 2048, chunk_size: int = 512):
+        ids = torch.as_tensor(self.tokenizer(text)["input_ids"][:max_tokens])
+        self.last_result = analyze(
+            self.model, ids, sink_size=self.sink_size, local_window=self.local_window, recent_ratio=self.recent_ratio,
+            chunk_size=chunk_size, backend=self.backend, model_name=getattr(self.model.config, "_name_or_path", None),
+        )
+        return self.last_result.statistics
+
+    def classify_heads(self, statistics, scheme="refined"):
+        return classify(statistics, scheme=scheme)
+
+    def save_results(self, stats, classifications, output_dir) -> None:
+        info = self.last_result.model_info if self.last_result else {}
+        result = AnalysisResult(stats, info)
+        result.save(output_dir)
+        save_classifications(classifications, os.path.join(output_dir, "head_classifications.json"))
+        analysis_figures(stats, output_dir)
+        _write_text(os.path.join(output_dir, "analysis_summary.txt"), summary_text(stats, classifications, info))

@@ -1,0 +1,99 @@
+"""HeadStatistics: what the analysis measured of one head (SPEC 5), and `head_statistics.json` I/O."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from headkv_engine.ops.statistics import REGIONS, SINK_SIZES
+from headkv_engine.profile import write_json_atomic
+
+
+@dataclass
+class HeadStatistics:
+    """Means over every analysed query (position q >= sink_size + local_window) of one head.
+
+    The seed's fields (seed 000) plus two histograms for budget allocation: `distance_mass_log2` (bin 0:
+    distance 0, bin i >= 1: distances in [2^(i-1), 2^i)) and `sink_mass_by_size` (mass on the first s keys).
+    """
+
+    layer_idx: int
+    head_idx: int
+    mean_entropy: float
+    std_entropy: float
+    max_attention_mean: float
+    position_preference: dict
+    sink_ratio: float
+    uniformity_score: float
+    relative_position_dist: list
+    distance_mass_log2: list = field(default_factory=list)
+    sink_mass_by_size: dict = field(default_factory=dict)
+    num_queries: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HeadStatistics:
+        names = cls.__dataclass_fields__
+        missing = [n for n in ("layer_idx", "head_idx", "mean_entropy", "position_preference") if n not in data]
+        if missing:
+            raise ValueError(f"head statistics entry lacks {missing} (layer {data.get('layer_idx')}, head {data.get('head_idx')})")
+        values = {k: v for k, v in data.items() if k in names}
+        values.setdefault("std_entropy", 0.0)
+        values.setdefault("max_attention_mean", 0.0)
+        values.setdefault("sink_ratio", data["position_preference"].get("sink", 0.0))
+        values.setdefault("uniformity_score", 0.0)
+        values.setdefault("relative_position_dist", [])
+        if values.get("sink_mass_by_size"):
+            values["sink_mass_by_size"] = {int(k): float(v) for k, v in values["sink_mass_by_size"].items()}
+        return cls(**values)
+
+
+def from_sums(sums: dict, layer: int) -> list[HeadStatistics]:
+    """HeadStatistics of every head of one layer from the summed op outputs (ops.statistics)."""
+    count = sums["count"].clamp(min=1)
+    mean = lambda key: sums[key] / count  # noqa: E731
+    entropy = mean("entropy")
+    std = (mean("entropy_sq") - entropy**2).clamp(min=0).sqrt()
+    regions = sums["regions"] / count[:, None]
+    relative = sums["relative"] / count[:, None]
+    log2 = sums["log2"] / count[:, None]
+    sinks = sums["sinks"] / count[:, None]
+    out = []
+    for head in range(count.shape[0]):
+        preference = {name: float(regions[head, i]) for i, name in enumerate(REGIONS)}
+        out.append(HeadStatistics(
+            layer_idx=layer, head_idx=head, mean_entropy=float(entropy[head]), std_entropy=float(std[head]),
+            max_attention_mean=float(mean("max_prob")[head]), position_preference=preference,
+            sink_ratio=preference["sink"], uniformity_score=float(mean("uniformity")[head]),
+            relative_position_dist=relative[head].tolist(), distance_mass_log2=log2[head].tolist(),
+            sink_mass_by_size={s: float(sinks[head, i]) for i, s in enumerate(SINK_SIZES)},
+            num_queries=int(sums["count"][head]),
+        ))
+    return out
+
+
+def save_statistics(statistics, model_info: dict, path) -> None:
+    write_json_atomic(path, {"model_info": model_info, "head_statistics": [s.to_dict() for s in statistics]})
+
+
+def load_statistics(path) -> tuple[list[HeadStatistics], dict]:
+    """(statistics, model_info) of a head_statistics.json."""
+    with open(os.fspath(path), encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or "head_statistics" not in data:
+        raise ValueError(f"{os.fspath(path)}: expected a head_statistics.json with a 'head_statistics' list")
+    return [HeadStatistics.from_dict(d) for d in data["head_statistics"]], data.get("model_info", {})
+
+
+def as_tensor(statistics, name: str, num_layers: int, num_heads: int) -> torch.Tensor:
+    """A per-head scalar field as a [layers, heads] tensor (position_preference fields as 'pref.sink' etc.)."""
+    out = torch.full((num_layers, num_heads), float("nan"))
+    for s in statistics:
+        value = s.position_preference[name[5:]] if name.startswith("pref.") else getattr(s, name)
+        out[s.layer_idx, s.head_idx] = value
+    return out
