@@ -24,6 +24,7 @@ from headkv_engine.cache import HeadKVCache
 from headkv_engine.evaluation import EvalResult, evaluate
 from headkv_engine.patching import PatchHandle, patch_model, unpatch_model
 from headkv_engine.profile import HeadPolicy, Profile, ProfileError
+from headkv_engine.zoo import load_builtin_model
 
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "available_backends",
     "cpu_unavailable_reason",
     "evaluate",
+    "load_builtin_model",
     "patch_model",
     "unpatch_model",
 ]

@@ -1,9 +1,11 @@
-"""The `headkv` command line."""
+"""The `headkv` command line: argument parsing; the work is in headkv_engine.commands."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+import torch
 
 
 def _quickstart(args) -> int:
@@ -17,15 +19,63 @@ def _quickstart(args) -> int:
     return 0
 
 
+def _command(name):
+    def run(args):
+        from headkv_engine import commands  # noqa: PLC0415
+
+        return getattr(commands, name)(args)
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headkv", description="Head-aware KV-cache compression for GPTNeoX models")
     commands = parser.add_subparsers(dest="command", required=True)
+    backends = ["auto", "torch", "cpu", "triton"]
 
     quick = commands.add_parser("quickstart", help="run the engine on a random tiny GPTNeoX (no download)")
     quick.add_argument("--context", type=int, default=1024, help="prompt length in tokens (default 1024)")
     quick.add_argument("--new-tokens", type=int, default=32, help="tokens to decode when timing (default 32)")
-    quick.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu"])
+    quick.add_argument("--backend", default="auto", choices=backends)
     quick.set_defaults(func=_quickstart)
+
+    analyze = commands.add_parser("analyze", help="per-head attention statistics, classification and figures")
+    analyze.add_argument("--model", default="builtin", help="hub id, local directory, or 'builtin' (default)")
+    source = analyze.add_mutually_exclusive_group()
+    source.add_argument("--text-file", help="text to analyse (default: the built-in held-out text)")
+    source.add_argument("--dataset", help="a `datasets` dataset, 'name' or 'name:config' (needs network)")
+    analyze.add_argument("--max-tokens", type=int, default=2048)
+    analyze.add_argument("--chunk-size", type=int, default=512)
+    analyze.add_argument("--sink-size", type=int, default=4)
+    analyze.add_argument("--local-window", type=int, default=8)
+    analyze.add_argument("--recent-ratio", type=float, default=0.1)
+    analyze.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                         help="run the model in bf16 (default: on CUDA only)")
+    analyze.add_argument("--backend", default="auto", choices=backends)
+    analyze.add_argument("--output-dir", required=True)
+    analyze.add_argument("--force", action="store_true", help="overwrite an existing results directory")
+    analyze.set_defaults(func=_command("analyze"))
+
+    validate = commands.add_parser("validate", help="validation figures and report of an analysis")
+    validate.add_argument("--results-dir", required=True, help="a directory written by `headkv analyze`")
+    validate.add_argument("--reclassify", action="store_true", help="classify again from head_statistics.json")
+    validate.add_argument("--output-dir", help="default: RESULTS_DIR/validation")
+    validate.add_argument("--force", action="store_true")
+    validate.set_defaults(func=_command("validate"))
+
+    ablate = commands.add_parser("ablate", help="seed 004's ablation study: perplexity per policy and budget")
+    ablate.add_argument("--model", default="builtin")
+    ablate.add_argument("--text-file", help="evaluation text (default: the built-in held-out text)")
+    ablate.add_argument("--ablation", default="all", choices=["all", "sink_importance", "window_size", "head_aware",
+                                                               "groups"])
+    ablate.add_argument("--classifications", help="head_classifications.json (groups G, I, J, K, head_aware)")
+    ablate.add_argument("--statistics", help="head_statistics.json (from_budget rows)")
+    ablate.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    ablate.add_argument("--max-tokens", type=int, default=1000)
+    ablate.add_argument("--backend", default="auto", choices=backends)
+    ablate.add_argument("--output-dir", required=True)
+    ablate.add_argument("--force", action="store_true", help="start over instead of resuming")
+    ablate.set_defaults(func=_command("ablate"))
     return parser
 
 
@@ -33,7 +83,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, OSError) as exc:
+    except (ValueError, RuntimeError, OSError, TypeError) as exc:
         print(f"headkv {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

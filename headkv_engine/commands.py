@@ -1,0 +1,79 @@
+"""What the `headkv` subcommands do (argument parsing lives in cli.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from headkv_engine import loading
+
+
+def analyze(args) -> int:
+    from headkv_engine.analysis import analyze as run_analysis  # noqa: PLC0415
+    from headkv_engine.analysis import write_analysis  # noqa: PLC0415
+
+    loading.prepare_output_dir(args.output_dir, args.force)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model, tokenizer, name = loading.load_model(args.model, dtype=dtype)
+    text = loading.load_text(args.text_file, args.dataset)
+    ids = loading.encode(tokenizer, text, args.max_tokens, builtin=args.model == loading.BUILTIN)
+    result = run_analysis(model, ids, sink_size=args.sink_size, local_window=args.local_window,
+                          recent_ratio=args.recent_ratio, chunk_size=args.chunk_size, backend=args.backend,
+                          model_name=name)
+    files = write_analysis(result, args.output_dir)
+    print(open(os.path.join(args.output_dir, "analysis_summary.txt"), encoding="utf-8").read().split("COMPRESSIBLE")[0])
+    print(f"wrote {len(files)} files to {args.output_dir} ({result.seconds:.1f} s)")
+    return 0
+
+
+def validate(args) -> int:
+    from headkv_engine.analysis import load_statistics, write_validation  # noqa: PLC0415
+    from headkv_engine.analysis.classify import load_classifications  # noqa: PLC0415
+    from headkv_engine.analysis.plots import validation_figures  # noqa: PLC0415
+
+    stats_path = os.path.join(args.results_dir, "head_statistics.json")
+    if not os.path.isfile(stats_path):
+        raise ValueError(f"--results-dir: {stats_path} not found (run `headkv analyze` first)")
+    output_dir = args.output_dir or os.path.join(args.results_dir, "validation")
+    loading.prepare_output_dir(output_dir, args.force)
+    statistics, info = load_statistics(stats_path)
+    if args.reclassify:
+        files = write_validation(statistics, info, output_dir)
+    else:
+        cls_path = os.path.join(args.results_dir, "head_classifications.json")
+        if not os.path.isfile(cls_path):
+            raise ValueError(f"--results-dir: {cls_path} not found; pass --reclassify to classify from the statistics")
+        files = validation_figures(statistics, load_classifications(cls_path), output_dir)
+    print(f"wrote {', '.join(files)} to {output_dir}")
+    return 0
+
+
+def ablate(args) -> int:
+    from headkv_engine.ablation import run_ablation  # noqa: PLC0415
+    from headkv_engine.ablation_report import write_report  # noqa: PLC0415
+
+    if args.force and os.path.exists(os.path.join(args.output_dir, "ablation_results.json")):
+        os.remove(os.path.join(args.output_dir, "ablation_results.json"))
+    os.makedirs(args.output_dir, exist_ok=True)
+    model, tokenizer, name = loading.load_model(args.model)
+    text = loading.load_text(args.text_file, None)
+    ids = loading.encode(tokenizer, text, args.max_tokens, builtin=args.model == loading.BUILTIN)
+    classifications = args.classifications
+    statistics = args.statistics
+    if classifications and not os.path.isfile(classifications):
+        raise ValueError(f"--classifications: {classifications!r} is not a file")
+    if statistics and not os.path.isfile(statistics):
+        raise ValueError(f"--statistics: {statistics!r} is not a file")
+    results = run_ablation(model, ids, args.output_dir, ablation=args.ablation, classifications=classifications,
+                           statistics=statistics, model_name=name, budgets=tuple(args.budgets), backend=args.backend)
+    files = write_report(results, args.output_dir)
+    print(f"{len(results['configs'])} configurations; wrote ablation_results.json, {', '.join(files)} to "
+          f"{args.output_dir}")
+    return 0
+
+
+def show_json(path) -> None:
+    with open(path, encoding="utf-8") as f:
+        print(json.dumps(json.load(f), indent=2))

@@ -1,0 +1,76 @@
+"""Models and texts for the command line: a hub id, a local directory or the built-in model; a text file,
+a `datasets` dataset or the built-in held-out text."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from headkv_engine import zoo
+
+BUILTIN = "builtin"
+
+
+def load_model(model_id: str = BUILTIN, dtype=torch.float32):
+    """(model, tokenizer, name); GPTNeoX only, with a clear error for other architectures."""
+    if model_id == BUILTIN:
+        model, tokenizer = zoo.load_builtin_model(dtype=dtype)
+        return model, tokenizer, "headkv-builtin"
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    try:
+        config = AutoConfig.from_pretrained(model_id)
+    except OSError as exc:
+        raise ValueError(f"--model: cannot load {model_id!r} as a local directory or hub id ({exc})") from exc
+    if config.model_type != "gpt_neox":
+        raise ValueError(f"--model: {model_id!r} is a {config.model_type!r} model; headkv-engine supports GPTNeoX "
+                         "(Pythia) models (model_type 'gpt_neox')")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model: {model_id!r} has no tokenizer ({exc})") from exc
+    model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype).eval()
+    return model, tokenizer, model_id
+
+
+def load_text(text_file: str | None = None, dataset: str | None = None) -> str:
+    """The text to analyse / evaluate: a file, a `datasets` dataset name ('name' or 'name:config'), or the
+    built-in held-out text."""
+    if text_file and dataset:
+        raise ValueError("give either --text-file or --dataset, not both")
+    if text_file:
+        if not os.path.isfile(text_file):
+            raise ValueError(f"--text-file: {text_file!r} is not a file")
+        with open(text_file, encoding="utf-8") as f:
+            return f.read()
+    if dataset:
+        try:
+            import datasets  # noqa: PLC0415
+        except ImportError as exc:
+            raise ValueError("--dataset needs the `datasets` package (pip install datasets) and network access") from exc
+        name, _, config = dataset.partition(":")
+        try:
+            data = datasets.load_dataset(name, config or None, split="test")
+        except Exception as exc:  # the hub is unreachable or the name is wrong
+            raise ValueError(f"--dataset: cannot load {dataset!r} ({exc})") from exc
+        column = "text" if "text" in data.column_names else data.column_names[0]
+        return "\n\n".join(t for t in data[column] if t)
+    return zoo.heldout_text()
+
+
+def encode(tokenizer, text: str, max_tokens: int, builtin: bool) -> torch.Tensor:
+    """Token ids [T] (at most max_tokens); the built-in model gets its BOS first, as it was trained."""
+    if builtin:
+        return zoo.encode(tokenizer, text, max_tokens)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    if len(ids) < 2:
+        raise ValueError("the text gives fewer than 2 tokens")
+    return torch.tensor(ids)
+
+
+def prepare_output_dir(path: str, force: bool) -> None:
+    """Create the results directory; an existing non-empty one is an error unless `force`."""
+    if os.path.isdir(path) and os.listdir(path) and not force:
+        raise ValueError(f"--output-dir: {path!r} already holds results; pass --force to overwrite them")
+    os.makedirs(path, exist_ok=True)
