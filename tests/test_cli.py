@@ -1,0 +1,85 @@
+"""The headkv command line end to end, on a tiny GPTNeoX saved to a temporary directory."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from headkv_engine.cli import main
+from reference_model import tiny_model
+
+WORDS = "the a head attends to first last token sink window cache of and is in on".split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-gpt-neox")
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+    tiny_model(2, 4, 16, vocab=97).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    gen = torch.Generator().manual_seed(0)
+    words = [WORDS[i] for i in torch.randint(0, len(WORDS), (400,), generator=gen).tolist()]
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(" ".join(words))
+    return path
+
+
+def test_analyze_validate_ablate(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    args = ["analyze", "--model", str(model_dir), "--text-file", str(text_file), "--max-tokens", "150",
+            "--chunk-size", "64", "--output-dir", str(out)]
+    assert main(args) == 0
+    for name in ("head_statistics.json", "head_classifications.json", "entropy_heatmap.png", "position_preference.png",
+                 "sink_ratio_analysis.png", "head_clustering.png", "relative_position_heatmap.png",
+                 "analysis_summary.txt"):
+        assert (out / name).stat().st_size > 0, name
+    stats = json.loads((out / "head_statistics.json").read_text())
+    assert stats["model_info"]["tokens"] == 150 and len(stats["head_statistics"]) == 8
+    assert main(args) == 2  # an existing results directory is not overwritten...
+    assert "--force" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0  # ...unless asked
+
+    assert main(["validate", "--results-dir", str(out), "--reclassify"]) == 0
+    for name in ("refined_classifications.json", "relative_position_by_type.png", "sink_vs_local_scatter.png",
+                 "entropy_by_type.png", "validation_report.txt"):
+        assert (out / "validation" / name).stat().st_size > 0, name
+
+    ablation = tmp_path / "ablation"
+    cmd = ["ablate", "--model", str(model_dir), "--text-file", str(text_file), "--max-tokens", "120",
+           "--ablation", "all", "--classifications", str(out / "head_classifications.json"),
+           "--statistics", str(out / "head_statistics.json"), "--budgets", "16", "64", "--output-dir", str(ablation)]
+    assert main(cmd) == 0
+    results = json.loads((ablation / "ablation_results.json").read_text())
+    names = {c["name"] for c in results["configs"]}
+    assert {"full", "A_window_64", "B_streaming_64", "K_uniform64_aware", "G_conf0.5_base64",
+            "from_budget_16", "from_budget_64", "head_aware"} <= names
+    assert all(c["tokens"] == 119 and c["perplexity"] > 1 for c in results["configs"])
+    budget = next(c for c in results["configs"] if c["name"] == "from_budget_16")
+    assert budget["effective_context"] <= 16
+    for name in ("ppl_vs_context.png", "sink_importance.png", "confidence_threshold.png", "best_configs.png",
+                 "inverse_experiment.png", "ablation_report.md"):
+        assert (ablation / name).stat().st_size > 0, name
+    assert "B_streaming_64" in (ablation / "ablation_report.md").read_text()
+    # resumable: a second run finds every configuration done
+    before = (ablation / "ablation_results.json").read_text()
+    assert main(cmd) == 0
+    assert json.loads((ablation / "ablation_results.json").read_text()) == json.loads(before)
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert main(["validate", "--results-dir", str(tmp_path)]) == 2
+    assert "head_statistics.json" in capsys.readouterr().err
+    from transformers import GPT2Config  # noqa: PLC0415
+
+    GPT2Config(n_layer=1, n_head=2, n_embd=8).save_pretrained(tmp_path / "gpt2")
+    assert main(["analyze", "--model", str(tmp_path / "gpt2"), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "GPTNeoX" in capsys.readouterr().err
