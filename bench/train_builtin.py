@@ -1,41 +1,53 @@
 """Train the built-in model: a small Pythia-architecture GPTNeoX on an offline English corpus.
 
-    python bench/train_builtin.py corpus   --work /work/train_builtin      # texts from Debian packages
+    python bench/train_builtin.py corpus    --work /work/train_builtin     # texts from Debian packages
     python bench/train_builtin.py tokenizer --work /work/train_builtin     # byte-level BPE, vocab 8192
-    python bench/train_builtin.py train    --work /work/train_builtin --minutes 90   # resumable
-    python bench/train_builtin.py export   --work /work/train_builtin      # into headkv_engine/zoo/builtin/
+    python bench/train_builtin.py train     --work /work/train_builtin --steps 12000 --minutes 600   # resumable
+    python bench/train_builtin.py stats     --work /work/train_builtin     # the checkpoint log as a table
+    python bench/train_builtin.py export    --work /work/train_builtin     # into headkv_engine/zoo/builtin/
 
-The corpus comes from packages installed with apt (python3.11-doc reST sources, perl-doc pod files,
-bible-kjv); every 20th document is held out. Training windows are BOS + 511 tokens, AdamW (lr 3e-3 with
-warm-up and cosine decay, weight decay 0.1), batch 4 x 512, deterministic given --seed, checkpointed every
-few minutes (atomic writes) so a later run continues where the last stopped. Every checkpoint logs the
-held-out loss and the attention sink statistics (mass on key 0 per head).
+The corpus comes from packages installed with apt (`apt-get install python3.11-doc perl-doc bible-kjv`):
+python3.11-doc reST sources, perl-doc pod files and the King James Bible; every 20th document is held out
+(never trained on, tokenizer included). Training windows are BOS + 511 tokens (position 0 is always the BOS),
+batch 4 x 512, AdamW (lr 3e-3, betas 0.9 / 0.95, weight decay 0.1 on matrices), 300 warm-up steps and a cosine
+decay to 0.1 x lr at --steps, bf16 autocast. Batch `i` is a function of (--seed, i) only, so a run is
+deterministic given the seed, and a resumed run continues exactly as an uninterrupted one would: `train` saves
+the checkpoint (--checkpoint, default <work>/checkpoint.pt; atomic writes) every --save-minutes, at the end of
+its --minutes and at --steps, and the same command resumes it. Beside the checkpoint it keeps a weights-only
+model-stepNNNNNN.pt of every save, for `stats` and `export --checkpoint`. Once a schedule is finished,
+`train --restart --steps N` continues with a new warm-up and cosine segment up to step N. Every save logs the
+held-out loss and the first-token (sink) mass of each head.
+
+`export` writes fp16 safetensors, config, tokenizer, a held-out text, metrics.json (measured on the exported
+weights) and MODEL_CARD.md generated from those measurements and the checkpoint log.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import gzip
 import json
 import math
 import os
-import random
 import re
 import shutil
+import subprocess
 import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHIP_DIR = os.path.join(HERE, "..", "headkv_engine", "zoo", "builtin")
+SHIP_DIR = os.path.normpath(os.path.join(HERE, "..", "headkv_engine", "zoo", "builtin"))
 SOURCES = {
-    "python-docs": "/usr/share/doc/python3.11/html/_sources/**/*.txt",
-    "perl-pod": "/usr/share/perl/*/pod/*.pod",
-    "bible-kjv": None,  # printed by the `bible` program of bible-kjv, 100 verses a document
+    "python-docs": ("python3.11-doc", "/usr/share/doc/python3.11/html/_sources/**/*.txt"),
+    "perl-pod": ("perl-doc", "/usr/share/perl/*/pod/*.pod"),
+    "bible-kjv": ("bible-kjv", None),  # printed by the `bible` program, 100 verses a document
 }
 SEQ, BATCH, VOCAB = 512, 4, 8192
-BOS = "<|bos|>"
+BOS, EOS = "<|bos|>", "<|endoftext|>"  # ids 0 and 1
+WARMUP, MIN_LR_FRACTION, WEIGHT_DECAY = 300, 0.1, 0.1
+SINK_FROM = 12  # first-token mass is averaged over queries at positions >= SINK_FROM
+SHIP_PPL_WINDOWS, SHIP_SINK_WINDOWS, SINK_LENGTH = 8, 4, 256
 
 
 def config():
@@ -50,15 +62,9 @@ def config():
     return cfg
 
 
-def read_text(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        return f.read()
-
+# ----------------------------------------------------------------------------- corpus and tokenizer
 
 def kjv_documents(verses_per_document=100):
-    import subprocess  # noqa: PLC0415
-
     if shutil.which("bible") is None:
         return []
     text = subprocess.run(["bible", "-f", "gen1:1-rev22:21"], capture_output=True, text=True, check=True).stdout
@@ -69,31 +75,28 @@ def kjv_documents(verses_per_document=100):
 
 def cmd_corpus(args):
     docs = kjv_documents()
-    for name, pattern in SOURCES.items():
-        if pattern is None:
-            continue
-        for path in sorted(glob.glob(pattern, recursive=True)):
-            if os.path.isfile(path):
-                text = re.sub(r"\n{3,}", "\n\n", read_text(path)).strip()
-                if len(text) > 200:
-                    docs.append((name, os.path.relpath(path, "/usr/share"), text))
+    for name, (_, pattern) in SOURCES.items():
+        for path in sorted(glob.glob(pattern, recursive=True)) if pattern else []:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = re.sub(r"\n{3,}", "\n\n", f.read()).strip()
+            if len(text) > 200:
+                docs.append((name, os.path.relpath(path, "/usr/share"), text))
     if not docs:
-        raise SystemExit("no corpus found: apt-get install python3.11-doc perl-doc bible-kjv")
+        raise SystemExit("no corpus found: apt-get install " + " ".join(p for p, _ in SOURCES.values()))
     os.makedirs(args.work, exist_ok=True)
-    train, held = [], []
+    splits = {"train": [], "heldout": []}
     for i, doc in enumerate(docs):
-        (held if i % 20 == 7 else train).append(doc)
-    for split, items in (("train", train), ("heldout", held)):
+        splits["heldout" if i % 20 == 7 else "train"].append(doc)
+    for split, items in splits.items():
         with open(os.path.join(args.work, f"{split}.jsonl"), "w", encoding="utf-8") as f:
             for name, path, text in items:
                 f.write(json.dumps({"source": name, "path": path, "text": text}) + "\n")
-    sizes = {s: sum(len(d[2]) for d in docs if d[0] == s) for s in SOURCES}
-    print(f"{len(train)} train / {len(held)} held-out documents; characters per source: {sizes}")
+    print(f"{len(splits['train'])} train / {len(splits['heldout'])} held-out documents")
 
 
 def documents(work, split):
     with open(os.path.join(work, f"{split}.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
+        return [json.loads(line) for line in f]
 
 
 def cmd_tokenizer(args):
@@ -102,93 +105,121 @@ def cmd_tokenizer(args):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[BOS, "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
-    tok.train_from_iterator(documents(args.work, "train"), trainer=trainer)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[BOS, EOS], min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((d["text"] for d in documents(args.work, "train")), trainer=trainer)
     tok.save(os.path.join(args.work, "tokenizer.json"))
     for split in ("train", "heldout"):
         ids = []
-        for text in documents(args.work, split):
-            ids.extend(tok.encode(text).ids + [1])
-        torch.save(torch.tensor(ids, dtype=torch.int16 if VOCAB < 32768 else torch.int32),
-                   os.path.join(args.work, f"{split}.pt"))
+        for doc in documents(args.work, split):
+            ids.extend(tok.encode(doc["text"]).ids + [1])
+        torch.save(torch.tensor(ids, dtype=torch.int16), os.path.join(args.work, f"{split}.pt"))
         print(f"{split}: {len(ids):,} tokens")
 
 
-def batches(tokens, seed, step):
-    """Deterministic batch `step`: BATCH windows of SEQ-1 tokens, each after a BOS."""
+# ----------------------------------------------------------------------------- measurements
+
+def windows(tokens, count, length, spread):
+    """[count, length] windows of BOS + (length - 1) tokens: evenly spread over `tokens` or consecutive from 0."""
+    body = length - 1
+    if spread:
+        starts = [i * (tokens.numel() - length) // count for i in range(count)]
+    else:
+        starts = [i * body for i in range(count)]
+        if starts[-1] + body > tokens.numel():
+            raise ValueError(f"{count} windows of {length} need {count * body} tokens, the text has {tokens.numel()}")
+    rows = torch.stack([tokens[s : s + body].long() for s in starts])
+    return torch.cat([torch.zeros(count, 1, dtype=torch.long), rows], dim=1)
+
+
+@torch.no_grad()
+def mean_loss(model, ids):
+    """Mean next-token loss over the windows `ids` [N, T] (each window one forward, equal weight)."""
+    return sum(model(row[None], labels=row[None]).loss.item() for row in ids) / len(ids)
+
+
+@torch.no_grad()
+def sink_mass(model, ids):
+    """Attention mass on key 0 (the BOS) per head [layers, heads]: mean over windows `ids` [N, T] and over
+    queries at positions >= SINK_FROM, from the eager attention probabilities."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        mass = torch.zeros(model.config.num_hidden_layers, model.config.num_attention_heads, dtype=torch.float64)
+        for row in ids:
+            out = model(row[None], output_attentions=True)
+            mass += torch.stack([a[0, :, SINK_FROM:, 0].double().mean(-1) for a in out.attentions]) / len(ids)
+    finally:
+        model.set_attn_implementation(previous)
+    return mass
+
+
+def sink_summary(mass):
+    return {"max": mass.max().item(), "mean": mass.mean().item(), "heads_above_0.3": int((mass > 0.3).sum())}
+
+
+# ----------------------------------------------------------------------------- training
+
+def batch(tokens, seed, step):
+    """Training batch `step`: BATCH windows of BOS + SEQ-1 tokens at starts drawn from (seed, step) only."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, tokens.numel() - SEQ, (BATCH,), generator=gen)
     rows = torch.stack([tokens[s : s + SEQ - 1].long() for s in starts.tolist()])
     return torch.cat([torch.zeros(BATCH, 1, dtype=torch.long), rows], dim=1)
 
 
-@torch.no_grad()
-def evaluate(model, tokens, windows=24):
-    model.eval()
-    losses = []
-    for i in range(windows):
-        start = i * (tokens.numel() - SEQ) // windows
-        ids = torch.cat([torch.zeros(1, dtype=torch.long), tokens[start : start + SEQ - 1].long()])[None]
-        losses.append(model(ids, labels=ids).loss.item())
-    model.train()
-    return sum(losses) / len(losses)
+def learning_rate(step, peak, start, end):
+    """Linear warm-up from `start`, then cosine decay to MIN_LR_FRACTION x peak at `end`."""
+    t = step - start
+    progress = min(1.0, t / max(1, end - start))
+    cosine = MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * min(1.0, (t + 1) / WARMUP) * cosine
 
 
-@torch.no_grad()
-def sink_stats(model, tokens):
-    """Mean attention on key 0 (the BOS) per head, for queries at positions >= 12, over held-out windows."""
-    model.eval()
-    model.config._attn_implementation = "eager"
-    mass = torch.zeros(model.config.num_hidden_layers, model.config.num_attention_heads)
-    windows = 4
-    for i in range(windows):
-        start = i * (tokens.numel() - 256) // windows
-        ids = torch.cat([torch.zeros(1, dtype=torch.long), tokens[start : start + 255].long()])[None]
-        out = model(ids, output_attentions=True)
-        for layer, att in enumerate(out.attentions):
-            mass[layer] += att[0, :, 12:, 0].mean(-1) / windows
-    model.config._attn_implementation = "sdpa"
-    model.train()
-    return {"max": mass.max().item(), "mean": mass.mean().item(), "heads_above_0.3": int((mass > 0.3).sum())}
-
-
-def save_checkpoint(path, state):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def save_atomic(path, state):
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def cmd_train(args):
     from transformers import GPTNeoXForCausalLM  # noqa: PLC0415
 
     torch.manual_seed(args.seed)
-    random.seed(args.seed)
     torch.set_num_threads(args.threads)
     train_tokens = torch.load(os.path.join(args.work, "train.pt"))
-    held_tokens = torch.load(os.path.join(args.work, "heldout.pt"))
+    held_ids = windows(torch.load(os.path.join(args.work, "heldout.pt")), 24, SEQ, spread=True)
+    sink_ids = windows(torch.load(os.path.join(args.work, "heldout.pt")), 4, SINK_LENGTH, spread=True)
     model = GPTNeoXForCausalLM(config())
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
-    ckpt = os.path.join(args.work, "checkpoint.pt")
-    step, log = 0, []
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": WEIGHT_DECAY},
+                             {"params": vectors, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    ckpt = args.checkpoint or os.path.join(args.work, "checkpoint.pt")
+    os.makedirs(os.path.dirname(os.path.abspath(ckpt)), exist_ok=True)
+    step, log, schedule, elapsed = 0, [], {"start": 0, "end": args.steps}, 0.0
     if os.path.exists(ckpt):
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, log = state["step"], state["log"]
-        print(f"resumed at step {step}")
+        schedule = state.get("schedule", schedule)
+        elapsed = state.get("elapsed_s", 0.0)
+        if args.restart:
+            schedule = {"start": step, "end": args.steps}
+        print(f"resumed at step {step}, schedule {schedule}", flush=True)
+    if step >= schedule["end"]:
+        raise SystemExit(f"the schedule ended at step {schedule['end']}: pass --restart --steps N (N > {step}) "
+                         "to continue with a new warm-up and cosine segment")
+    stop = min(schedule["end"], args.until or schedule["end"])
     model.train()
-    deadline = time.time() + 60 * args.minutes
-    last_save = time.time()
-    began, tokens_done = time.time(), 0
-    while step < args.steps and time.time() < deadline:
-        lr = args.lr * min(1.0, (step + 1) / 300) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps))))
+    began = last_save = time.time()
+    deadline = began + 60 * args.minutes
+    tokens_done = 0
+    while step < stop and time.time() < deadline:
+        lr = learning_rate(step, args.lr, schedule["start"], schedule["end"])
         for group in opt.param_groups:
             group["lr"] = lr
-        ids = batches(train_tokens, args.seed, step)
+        ids = batch(train_tokens, args.seed, step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             loss = model(ids, labels=ids).loss
         loss.backward()
@@ -198,84 +229,202 @@ def cmd_train(args):
         step += 1
         tokens_done += ids.numel()
         if step % 50 == 0:
-            rate = tokens_done / (time.time() - began)
-            print(f"step {step} loss {loss.item():.3f} lr {lr:.2e} {rate:.0f} tok/s", flush=True)
-        if time.time() - last_save > 60 * args.save_minutes or step >= args.steps or time.time() >= deadline:
-            held = evaluate(model, held_tokens)
-            sinks = sink_stats(model, held_tokens)
-            log.append({"step": step, "tokens": step * BATCH * SEQ, "train_loss": loss.item(), "heldout_loss": held,
-                        "heldout_ppl": math.exp(held), "sinks": sinks, "time": time.time()})
-            print(f"checkpoint step {step}: held-out loss {held:.3f} (ppl {math.exp(held):.1f}), sinks {sinks}",
+            print(f"step {step} loss {loss.item():.3f} lr {lr:.2e} {tokens_done / (time.time() - began):.0f} tok/s",
                   flush=True)
-            save_checkpoint(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log})
-            last_save = time.time()
+        if time.time() - last_save > 60 * args.save_minutes or step >= stop or time.time() >= deadline:
+            model.eval()
+            held = mean_loss(model, held_ids)
+            mass = sink_mass(model, sink_ids)
+            model.train()
+            now = time.time()
+            log.append({"step": step, "tokens": step * BATCH * SEQ, "train_loss": loss.item(), "heldout_loss": held,
+                        "heldout_ppl": math.exp(held), "sinks": sink_summary(mass),
+                        "sink_mass": [[round(v, 4) for v in row] for row in mass.tolist()],
+                        "tokens_per_s": tokens_done / (now - began), "time": now})
+            print(f"checkpoint step {step}: held-out loss {held:.3f} (ppl {math.exp(held):.1f}), "
+                  f"sinks {sink_summary(mass)}", flush=True)
+            snapshot = {"model": model.state_dict(), "step": step, "log": log, "schedule": schedule,
+                        "seed": args.seed, "elapsed_s": elapsed + now - began}
+            save_atomic(ckpt, {**snapshot, "opt": opt.state_dict()})
+            save_atomic(os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"model-step{step:06d}.pt"), snapshot)
+            last_save = now
+            if args.patience and flattened(log, args.patience):
+                print(f"held-out loss flat over the last {args.patience} checkpoints: stopping", flush=True)
+                break
+
+
+def flattened(log, patience, min_gain=0.005):
+    losses = [e["heldout_loss"] for e in log]
+    return len(losses) > patience and min(losses[:-patience]) - min(losses[-patience:]) < min_gain
+
+
+def cmd_stats(args):
+    state = torch.load(args.checkpoint or os.path.join(args.work, "checkpoint.pt"), weights_only=False,
+                       map_location="cpu")
+    print(f"step {state['step']}, schedule {state.get('schedule')}")
+    print(history_table(state["log"]))
+
+
+def history_table(log):
+    rows = ["| step | tokens (M) | train loss | held-out loss | held-out PPL | max first-token mass | mean | heads > 0.3 |",
+            "|---|---|---|---|---|---|---|---|"]
+    rows += [f"| {e['step']} | {e['tokens'] / 1e6:.2f} | {e['train_loss']:.3f} | {e['heldout_loss']:.3f} | "
+             f"{e['heldout_ppl']:.1f} | {e['sinks']['max']:.3f} | {e['sinks']['mean']:.3f} | "
+             f"{e['sinks']['heads_above_0.3']} |" for e in log]
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- export
+
+def heldout_sample(docs, chars, chunk=8000):
+    """Held-out text to ship: chunks of up to `chunk` characters (cut at a paragraph break) taken in turn from
+    each source's held-out documents, in corpus order, until `chars` characters."""
+    queues = {name: [d["text"] for d in docs if d["source"] == name] for name in SOURCES}
+    parts, total = [], 0
+    while total < chars and any(queues.values()):
+        for name in SOURCES:
+            if queues[name] and total < chars:
+                text = queues[name].pop(0)
+                cut = text.rfind("\n\n", 0, chunk)
+                piece = text[: cut if len(text) > chunk and cut > chunk // 2 else chunk].strip()
+                parts.append(piece)
+                total += len(piece) + 2
+    return "\n\n".join(parts)[:chars]
 
 
 def cmd_export(args):
     from safetensors.torch import save_file  # noqa: PLC0415
-    from transformers import GPTNeoXForCausalLM  # noqa: PLC0415
+    from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast  # noqa: PLC0415
 
-    state = torch.load(os.path.join(args.work, "checkpoint.pt"), weights_only=False)
+    torch.set_num_threads(args.threads)
+    state = torch.load(args.checkpoint or os.path.join(args.work, "checkpoint.pt"), weights_only=False,
+                       map_location="cpu")
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
     model = GPTNeoXForCausalLM(config())
     model.load_state_dict(state["model"])
-    os.makedirs(SHIP_DIR, exist_ok=True)
-    model.config.to_json_file(os.path.join(SHIP_DIR, "config.json"))
-    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()},
-              os.path.join(SHIP_DIR, "model.safetensors"), metadata={"format": "pt"})
-    shutil.copy(os.path.join(args.work, "tokenizer.json"), os.path.join(SHIP_DIR, "tokenizer.json"))
-    held = documents(args.work, "heldout")
-    text = "\n\n".join(held)[: args.heldout_chars]
-    with open(os.path.join(SHIP_DIR, "heldout.txt"), "w", encoding="utf-8") as f:
+    model.config.to_json_file(os.path.join(out, "config.json"))
+    weights = {k: v.half().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(os.path.join(out, "model.safetensors"), 0o644)
+    shutil.copy(os.path.join(args.work, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
+    held_docs = documents(args.work, "heldout")
+    text = heldout_sample(held_docs, args.heldout_chars)
+    with open(os.path.join(out, "heldout.txt"), "w", encoding="utf-8") as f:
         f.write(text)
-    last = state["log"][-1]
-    params = sum(p.numel() for p in model.parameters())
-    card = f"""# headkv-engine built-in model
 
-A Pythia-architecture GPTNeoX trained from scratch on this project's offline English corpus, shipped so that the
-engine runs with no download and has real (trained) attention heads to analyse and compress.
+    # measured on the shipped (fp16-rounded) weights, computed in fp32 as load_builtin_model() loads them
+    model.load_state_dict({k: v.float() for k, v in weights.items()})
+    model.eval()
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(out, "tokenizer.json"))
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    ship_loss = mean_loss(model, windows(ids, SHIP_PPL_WINDOWS, SEQ, spread=False))
+    mass = sink_mass(model, windows(ids, SHIP_SINK_WINDOWS, SINK_LENGTH, spread=False))
+    last = state["log"][-1]
+    corpus = {split: {name: {"documents": sum(d["source"] == name for d in docs),
+                             "characters": sum(len(d["text"]) for d in docs if d["source"] == name)}
+                      for name in SOURCES}
+              for split, docs in (("train", documents(args.work, "train")), ("heldout", held_docs))}
+    metrics = {
+        "step": state["step"], "tokens": last["tokens"], "train_loss": last["train_loss"],
+        "heldout_loss": last["heldout_loss"], "heldout_ppl": last["heldout_ppl"],
+        "train_tokens": torch.load(os.path.join(args.work, "train.pt")).numel(),
+        "heldout_tokens": torch.load(os.path.join(args.work, "heldout.pt")).numel(),
+        "corpus": corpus, "parameters": sum(p.numel() for p in model.parameters()),
+        "training_hours": state.get("elapsed_s", estimated_seconds(state["log"])) / 3600,
+        "schedule": state.get("schedule", {"start": 0, "end": args.steps}), "seed": state.get("seed", 0),
+        "heldout_txt": {"windows": SHIP_PPL_WINDOWS, "window_tokens": SEQ, "loss": ship_loss,
+                        "ppl": math.exp(ship_loss), "sink_windows": SHIP_SINK_WINDOWS,
+                        "sink_window_tokens": SINK_LENGTH, "sink_from": SINK_FROM,
+                        "sink_mass": [[round(v, 4) for v in row] for row in mass.tolist()], **sink_summary(mass)},
+        "log": state["log"],
+    }
+    with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=1)
+    with open(os.path.join(out, "MODEL_CARD.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(metrics, model.config))
+    print(f"exported step {state['step']} to {out}: heldout.txt PPL {math.exp(ship_loss):.2f}, "
+          f"max first-token mass {mass.max().item():.3f}")
+
+
+def estimated_seconds(log):
+    """Training time of a checkpoint that did not record it: the log's time span, extrapolated to step 0."""
+    first, last = log[0], log[-1]
+    return (last["time"] - first["time"]) * last["step"] / max(1, last["step"] - first["step"])
+
+
+def model_card(m, cfg):
+    h = m["heldout_txt"]
+    corpus = "; ".join(f"{name} ({SOURCES[name][0]}): {c['documents']} documents, {c['characters'] / 1e6:.1f} M "
+                       f"characters" for name, c in m["corpus"]["train"].items())
+    held = sum(c["documents"] for c in m["corpus"]["heldout"].values())
+    mass_rows = "\n".join(f"| {layer} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
+                          for layer, row in enumerate(h["sink_mass"]))
+    sinks = ("no attention sinks: no head puts more than 0.3 of its attention on the first token"
+             if h["heads_above_0.3"] == 0 else
+             f"{h['heads_above_0.3']} of {cfg.num_hidden_layers * cfg.num_attention_heads} heads put more than 0.3 "
+             "of their attention on the first token")
+    restart = f" (a segment from step {m['schedule']['start']})" if m["schedule"]["start"] else ""
+    return f"""# headkv-engine built-in model
+
+A Pythia-architecture GPTNeoX trained from scratch on an offline English corpus, shipped inside the package so
+that the engine runs with no download and has trained attention heads to analyse and compress.
+`hk.load_builtin_model()` returns (model, tokenizer); `heldout.txt` is text of the same corpus it never saw.
 
 | | |
 |---|---|
-| architecture | GPTNeoX, {model.config.num_hidden_layers} layers x {model.config.num_attention_heads} heads, hidden {model.config.hidden_size}, intermediate {model.config.intermediate_size}, partial rotary 0.25, parallel residual, {model.config.max_position_embeddings} positions |
-| parameters | {params / 1e6:.1f} M (weights stored in fp16) |
-| tokenizer | byte-level BPE, vocabulary {VOCAB}, BOS token id 0 at position 0 of every training window |
-| corpus | python3.11-doc reST sources, perl-doc pod files, bible-kjv text (Debian packages); every 20th document held out |
-| training | {last['step']} steps of {BATCH} x {SEQ} tokens = {last['tokens'] / 1e6:.1f} M tokens, AdamW lr 3e-3, weight decay 0.1 |
-| final train loss | {last['train_loss']:.3f} |
-| held-out loss / perplexity | {last['heldout_loss']:.3f} / {last['heldout_ppl']:.1f} (24 windows of {SEQ} tokens, BOS first) |
-| attention on the first token (queries >= 12) | max over heads {last['sinks']['max']:.3f}, mean {last['sinks']['mean']:.3f}, heads above 0.3: {last['sinks']['heads_above_0.3']} of {model.config.num_hidden_layers * model.config.num_attention_heads} |
+| architecture | GPTNeoX, {cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads, hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, partial rotary 0.25, parallel residual, {cfg.max_position_embeddings} positions |
+| parameters | {m['parameters'] / 1e6:.2f} M, stored in fp16 |
+| tokenizer | byte-level BPE, vocabulary {VOCAB}; `{BOS}` (id 0) at position 0 of every window, `{EOS}` (id 1) between documents |
+| corpus | {corpus}; every 20th document held out ({held} documents) |
+| corpus tokens | {m['train_tokens'] / 1e6:.2f} M train, {m['heldout_tokens'] / 1e6:.2f} M held out |
+| training | {m['step']} steps of {BATCH} x {SEQ} tokens = {m['tokens'] / 1e6:.1f} M tokens ({m['tokens'] / m['train_tokens']:.2f} epochs), {m['training_hours']:.1f} h on CPU; AdamW lr 3e-3, betas 0.9 / 0.95, weight decay {WEIGHT_DECAY}, {WARMUP} warm-up steps and cosine decay to 0.1 x lr at step {m['schedule']['end']}{restart}, bf16 autocast, seed {m['seed']} |
+| train loss (last batch) | {m['train_loss']:.3f} |
+| held-out loss / PPL | {m['heldout_loss']:.3f} / {m['heldout_ppl']:.1f} (24 windows of {SEQ} spread over the held-out split, BOS first) |
+| heldout.txt loss / PPL | {h['loss']:.4f} / {h['ppl']:.2f} (first {h['windows']} consecutive windows of {h['window_tokens']} tokens, BOS + {h['window_tokens'] - 1}, fp16 weights computed in fp32) |
+| first-token (sink) mass | max over heads {h['max']:.3f}, mean {h['mean']:.3f}, heads above 0.3: {h['heads_above_0.3']} of {cfg.num_hidden_layers * cfg.num_attention_heads} |
 
-Attention sinks are known to need far more training tokens than this model saw (Gu et al., ICLR 2025): this
-model has local / previous-token heads and broad heads, and few or no sink heads. Compression results on it
-say nothing about sinks; they do measure windows and budgets on real positional and broad heads.
+The first-token mass of a head is its mean attention probability on key 0 (the BOS) over queries at positions
+>= {h['sink_from']}, on the first {h['sink_windows']} windows of {h['sink_window_tokens']} tokens of heldout.txt.
+This model has {sinks}. Attention sinks are known to need far more training tokens than this model saw
+(Gu et al., "When Attention Sink Emerges in Language Models", ICLR 2025); its heads are local /
+previous-token and broad heads. Results on it measure windows and budgets on those heads, not sinks.
+
+## First-token mass per head (heldout.txt)
+
+| layer | """ + " | ".join(f"head {i}" for i in range(cfg.num_attention_heads)) + " |\n|---|" + "---|" * \
+        cfg.num_attention_heads + "\n" + mass_rows + f"""
 
 ## Checkpoints
 
-| step | tokens (M) | held-out loss | held-out PPL | max first-token mass | heads > 0.3 |
-|---|---|---|---|---|---|
-""" + "\n".join(f"| {e['step']} | {e['tokens'] / 1e6:.1f} | {e['heldout_loss']:.3f} | {e['heldout_ppl']:.1f} | "
-                f"{e['sinks']['max']:.3f} | {e['sinks']['heads_above_0.3']} |" for e in state["log"]) + "\n"
-    with open(os.path.join(SHIP_DIR, "MODEL_CARD.md"), "w", encoding="utf-8") as f:
-        f.write(card)
-    with open(os.path.join(SHIP_DIR, "training_log.json"), "w", encoding="utf-8") as f:
-        json.dump(state["log"], f, indent=1)
-    print(f"exported step {last['step']} to {os.path.abspath(SHIP_DIR)}")
+Held-out loss on 24 windows of the held-out split; first-token mass on 4 windows of {SINK_LENGTH} tokens of it.
+
+{history_table(m['log'])}
+"""
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["corpus", "tokenizer", "train", "export"])
-    parser.add_argument("--work", default="/work/train_builtin")
+    parser.add_argument("command", choices=["corpus", "tokenizer", "train", "stats", "export"])
+    parser.add_argument("--work", default="/work/train_builtin", help="corpus, tokens, checkpoint, log")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=20000)
-    parser.add_argument("--minutes", type=float, default=60)
-    parser.add_argument("--save-minutes", type=float, default=8)
+    parser.add_argument("--steps", type=int, default=6000, help="end of the cosine schedule")
+    parser.add_argument("--restart", action="store_true", help="start a new schedule segment at the checkpoint")
+    parser.add_argument("--until", type=int, default=0, help="stop this run at this step (schedule unchanged)")
+    parser.add_argument("--minutes", type=float, default=60, help="stop this run after this long")
+    parser.add_argument("--save-minutes", type=float, default=10)
+    parser.add_argument("--patience", type=int, default=0, help="stop when held-out loss is flat this many saves")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--checkpoint", help="checkpoint file (default <work>/checkpoint.pt); train also keeps a "
+                        "weights-only model-stepNNNNNN.pt beside it at every save, which stats / export accept")
+    parser.add_argument("--out", default=SHIP_DIR, help="export: output directory")
     parser.add_argument("--heldout-chars", type=int, default=80_000)
     args = parser.parse_args()
-    {"corpus": cmd_corpus, "tokenizer": cmd_tokenizer, "train": cmd_train, "export": cmd_export}[args.command](args)
+    commands = {"corpus": cmd_corpus, "tokenizer": cmd_tokenizer, "train": cmd_train, "stats": cmd_stats,
+                "export": cmd_export}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 // head_statistics on the CPU: per-head attention statistics of a block of queries, two passes over the keys.
 // Semantics: headkv_engine/ops/statistics.py (head_statistics_reference).
 //
-// For each head (one thread each) and block of kQueries queries: pass 1 finds every row's max and normaliser
-// over the causal keys, pass 2 revisits the keys tile by tile and adds each probability to the head's sums.
-// Only a [kQueries x kKeys] tile of scores is ever held; the sums are fp64.
+// For each head (one thread each) and query: pass 1 computes the query's row of scores (one row is all that is
+// held, never a [T, T] matrix) with its max, pass 2 turns it into probabilities and adds them to the head's
+// sums. Regions and histogram bins are contiguous ranges of keys, so every statistic is a range sum. The
+// sums are fp64.
 #include <algorithm>
 #include <vector>
 
@@ -13,8 +14,6 @@
 namespace headkv {
 namespace {
 
-constexpr int64_t kQueries = 16;
-constexpr int64_t kKeys = 128;
 constexpr int64_t kRelativeBins = 64;
 constexpr int64_t kSinkSizes[] = {1, 2, 4, 8, 16};
 constexpr int64_t kNumSinkSizes = 5;
@@ -35,71 +34,62 @@ void head_statistics(const void* q, const void* k, int64_t heads, int64_t tokens
 
 #pragma omp parallel
   {
-    std::vector<float> keys(tokens_k * head_dim), qf(kQueries * head_dim), s(kKeys);
-    std::vector<float> row_max(kQueries);
-    std::vector<double> row_sum(kQueries), entropy(kQueries), max_prob(kQueries);
+    std::vector<float> keys(tokens_k * head_dim), qf(head_dim), e(tokens_k);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t h = 0; h < heads; ++h) {
       double* out = sums + h * fields;
       std::fill(out, out + fields, 0.0);
       for (int64_t j = 0; j < tokens_k; ++j) load_row(k, dtype, h * tokens_k + j, head_dim, keys.data() + j * head_dim);
-      const int64_t first = std::max<int64_t>(0, min_query - q_start);
-      for (int64_t i0 = first; i0 < tokens_q; i0 += kQueries) {
-        const int64_t count = std::min(kQueries, tokens_q - i0);
-        for (int64_t i = 0; i < count; ++i) load_row(q, dtype, h * tokens_q + i0 + i, head_dim, qf.data() + i * head_dim);
-        // pass 1: max and normaliser of every row
-        for (int64_t i = 0; i < count; ++i) {
-          const int64_t t = q_start + i0 + i;
-          float m = kNegInf;
-          double l = 0.0;
-          for (int64_t j0 = 0; j0 <= t; j0 += kKeys) {
-            const int64_t n = std::min(kKeys, t + 1 - j0);
-            float tile_max = kNegInf;
-            for (int64_t j = 0; j < n; ++j) {
-              s[j] = dot(qf.data() + i * head_dim, keys.data() + (j0 + j) * head_dim, head_dim) * scale;
-              tile_max = std::max(tile_max, s[j]);
-            }
-            if (tile_max > m) {
-              l *= std::exp(static_cast<double>(m) - tile_max);
-              m = tile_max;
-            }
-            for (int64_t j = 0; j < n; ++j) l += std::exp(static_cast<double>(s[j]) - m);
-          }
-          row_max[i] = m;
-          row_sum[i] = l;
+      for (int64_t i = std::max<int64_t>(0, min_query - q_start); i < tokens_q; ++i) {
+        const int64_t t = q_start + i;
+        load_row(q, dtype, h * tokens_q + i, head_dim, qf.data());
+        // the query's row of scores (one row at a time), its max and normaliser
+        float m = kNegInf;
+        for (int64_t j = 0; j <= t; ++j) {
+          e[j] = dot(qf.data(), keys.data() + j * head_dim, head_dim) * scale;
+          m = std::max(m, e[j]);
         }
-        // pass 2: every probability into the sums
-        for (int64_t i = 0; i < count; ++i) {
-          const int64_t t = q_start + i0 + i;
-          const double log_sum = std::log(row_sum[i]);
-          const int64_t recent_start = t + 1 - static_cast<int64_t>(std::ceil(recent_ratio * (t + 1)));
-          double plogp = 0.0, p_max = 0.0;
-          for (int64_t j0 = 0; j0 <= t; j0 += kKeys) {
-            const int64_t n = std::min(kKeys, t + 1 - j0);
-            for (int64_t j = 0; j < n; ++j) {
-              const int64_t key = j0 + j, distance = t - key;
-              const double logit = static_cast<double>(
-                  dot(qf.data() + i * head_dim, keys.data() + key * head_dim, head_dim) * scale) - row_max[i] - log_sum;
-              const double p = std::exp(logit);
-              plogp += p * logit;
-              p_max = std::max(p_max, p);
-              const int64_t region = key < sink_size ? 0 : distance < local_window ? 1 : key >= recent_start ? 2 : 3;
-              out[kRegions + region] += p;
-              out[kRelative + std::min(distance, kRelativeBins - 1)] += p;
-              int64_t log_bin = 0;
-              if (distance > 0) log_bin = 64 - __builtin_clzll(static_cast<unsigned long long>(distance));
-              out[kLog2 + std::min(log_bin, log2_bins - 1)] += p;
-              for (int64_t z = 0; z < kNumSinkSizes; ++z)
-                if (key < kSinkSizes[z]) out[kSinks + z] += p;
-            }
-          }
-          const double ent = -plogp;
-          out[0] += 1.0;
-          out[1] += ent;
-          out[2] += ent * ent;
-          out[3] += p_max;
-          out[4] += std::log(static_cast<double>(t + 1)) - ent;
+        double l = 0.0, weighted_logit = 0.0;
+        for (int64_t j = 0; j <= t; ++j) {
+          const float shifted = e[j] - m;
+          e[j] = std::exp(shifted);
+          l += e[j];
+          weighted_logit += static_cast<double>(e[j]) * shifted;
         }
+        const double inv = 1.0 / l;
+        const double entropy = std::log(l) - weighted_logit * inv;
+        // regions, histograms and sink masses are sums of probabilities over ranges of keys
+        auto mass = [&](int64_t lo, int64_t hi) {  // keys [lo, hi), clipped to [0, t]
+          lo = std::max<int64_t>(lo, 0);
+          hi = std::min<int64_t>(hi, t + 1);
+          double acc = 0.0;
+          for (int64_t j = lo; j < hi; ++j) acc += e[j];
+          return acc * inv;
+        };
+        const int64_t sink_end = std::min(sink_size, t + 1);
+        const int64_t local_begin = std::max(sink_end, t - local_window + 1);
+        const int64_t recent_begin = std::max(sink_end, t + 1 - static_cast<int64_t>(std::ceil(recent_ratio * (t + 1))));
+        const double sink_mass = mass(0, sink_end), local_mass = mass(local_begin, t + 1);
+        const double recent_mass = recent_begin < local_begin ? mass(recent_begin, local_begin) : 0.0;
+        out[kRegions + 0] += sink_mass;
+        out[kRegions + 1] += local_mass;
+        out[kRegions + 2] += recent_mass;
+        out[kRegions + 3] += std::max(0.0, 1.0 - sink_mass - local_mass - recent_mass);
+        for (int64_t d = 0; d < kRelativeBins - 1 && d <= t; ++d) out[kRelative + d] += e[t - d] * inv;
+        out[kRelative + kRelativeBins - 1] += mass(0, t - (kRelativeBins - 1) + 1);
+        out[kLog2] += e[t] * inv;  // distance 0
+        for (int64_t b = 1; b < log2_bins; ++b) {  // distances [2^(b-1), 2^b); the last bin takes the rest
+          const int64_t near = t - (int64_t{1} << (b - 1));
+          if (near < 0) break;
+          const int64_t far = b == log2_bins - 1 ? 0 : t - (int64_t{1} << b) + 1;
+          out[kLog2 + b] += mass(far, near + 1);
+        }
+        for (int64_t z = 0; z < kNumSinkSizes; ++z) out[kSinks + z] += mass(0, kSinkSizes[z]);
+        out[0] += 1.0;
+        out[1] += entropy;
+        out[2] += entropy * entropy;
+        out[3] += inv;  // the largest probability is exp(0) / l
+        out[4] += std::log(static_cast<double>(t + 1)) - entropy;
       }
     }
   }

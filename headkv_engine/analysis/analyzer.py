@@ -105,13 +105,14 @@ def analyze(model, input_ids, *, sink_size: int = 4, local_window: int = 8, rece
                                recent_ratio=recent_ratio, backend=backend)
         sums[layer] = add_sums(sums[layer], {key: value.cpu() for key, value in part.items()})
 
+    body = getattr(model, "gpt_neox", model)  # the statistics need no logits: skip the LM head
     total = sum(-(-row.numel() // chunk_size) for row in sequences)
     began = time.perf_counter()
     with capture_queries_and_keys(model, add), tqdm(total=total, desc="analyze", disable=not progress) as bar:
         for ids in sequences:
             cache = DynamicCache(config=config)
             for start in range(0, ids.numel(), chunk_size):
-                model(ids[None, start : start + chunk_size].to(device), cache=cache, use_cache=True)
+                body(ids[None, start : start + chunk_size].to(device), cache=cache, use_cache=True)
                 bar.update(1)
     statistics = [s for layer in range(layers) for s in from_sums(sums[layer], layer)]
     model_info = {
