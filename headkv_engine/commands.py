@@ -74,6 +74,23 @@ def ablate(args) -> int:
     return 0
 
 
+def demo(args) -> int:
+    from headkv_engine.demo import run_demo  # noqa: PLC0415
+
+    if min(args.budgets) <= 4:
+        raise ValueError(f"--budgets: every budget must exceed the 4 StreamingLLM sinks, got {args.budgets}")
+    loading.prepare_output_dir(args.output_dir, args.force)
+    results = run_demo(args.output_dir, model_id=args.model, text_file=args.text_file,
+                       analysis_tokens=args.analysis_tokens, eval_tokens=args.eval_tokens,
+                       budgets=tuple(sorted(args.budgets)), decode_context=args.decode_context,
+                       new_tokens=args.new_tokens, backend=args.backend)
+    full = next(c for c in results["configs"] if c["name"] == "full")
+    print(f"{results['model']}: full-cache perplexity {full['perplexity']:.2f} on {results['tokens']} tokens; "
+          f"{len(results['configs'])} profiles evaluated in {results['seconds']:.0f} s")
+    print(f"report: {os.path.join(args.output_dir, 'report.md')}")
+    return 0
+
+
 def show_json(path) -> None:
     with open(path, encoding="utf-8") as f:
         print(json.dumps(json.load(f), indent=2))

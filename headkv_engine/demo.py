@@ -1,0 +1,190 @@
+"""`headkv demo`: the whole pipeline on one model, offline, in minutes, ending in a report a person can read.
+
+analyse every head on held-out text -> classify -> build profiles (StreamingLLM, head-aware, from_budget at
+several budgets) -> evaluate perplexity / accuracy / effective context against the full cache -> measure
+decode speed and KV bytes -> figures -> report.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from headkv_engine import __version__, loading
+from headkv_engine.ablation_report import pareto_frontier, plot_ppl_vs_context
+from headkv_engine.analysis import analyze, classify, save_classifications, write_analysis
+from headkv_engine.evaluation import evaluate
+from headkv_engine.patching import patch_model
+from headkv_engine.profile import Profile, write_json_atomic
+
+
+def _decode_speed(model, prompt, new_tokens, profile=None, backend="auto"):
+    """(ms per decoded token, KV bytes) of greedy decoding after `prompt`, with or without a profile."""
+
+    @torch.no_grad()
+    def run():
+        out = model(prompt[None], use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(token, cache=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        return 1000 * (time.perf_counter() - start) / new_tokens, cache
+
+    if profile is None:
+        ms, cache = run()
+        return ms, sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    with patch_model(model, profile, backend=backend):
+        ms, cache = run()
+    return ms, cache.nbytes()
+
+
+def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=2048, eval_tokens=1000,
+             budgets=(32, 64, 128, 256), decode_context=1024, new_tokens=32, backend="auto") -> dict:
+    began = time.perf_counter()
+    steps = tqdm(total=6, desc="demo", unit="step")
+    model, tokenizer, name = loading.load_model(model_id)
+    text = loading.load_text(text_file, None)
+    builtin = model_id == loading.BUILTIN
+    ids = loading.encode(tokenizer, text, max(analysis_tokens, eval_tokens, decode_context), builtin=builtin)
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    steps.set_postfix_str("analysis")
+
+    # 1. analyse and classify the heads on the first `analysis_tokens` tokens
+    analysis_dir = os.path.join(output_dir, "analysis")
+    result = analyze(model, ids[:analysis_tokens], chunk_size=512, backend=backend, model_name=name, progress=False)
+    write_analysis(result, analysis_dir)
+    classifications = classify(result.statistics)
+    steps.update()
+
+    # 2. profiles: full, StreamingLLM and from_budget at each budget, head-aware from the classification
+    profiles = {"full": ("full", Profile.full(layers, heads))}
+    for budget in budgets:
+        profiles[f"B_streaming_{budget}"] = ("B", Profile.streaming_llm(layers, heads, 4, budget - 4))
+        profiles[f"from_budget_{budget}"] = ("from_budget", Profile.from_budget(result.statistics, budget,
+                                                                                 length=eval_tokens))
+    cls_path = os.path.join(analysis_dir, "head_classifications.json")
+    save_classifications(classifications, cls_path)
+    profiles["head_aware"] = ("head_aware", Profile.from_classifications(cls_path))
+    os.makedirs(os.path.join(output_dir, "profiles"), exist_ok=True)
+    for config_name, (_, profile) in profiles.items():
+        profile.save(os.path.join(output_dir, "profiles", f"{config_name}.json"))
+    steps.update()
+
+    # 3. evaluate every profile on the evaluation tokens (one masked pass each); the held-out text after the
+    #    analysed part when it is long enough
+    eval_ids = ids[-eval_tokens:] if ids.numel() >= analysis_tokens + eval_tokens else ids[:eval_tokens]
+    configs = []
+    for config_name, (group, profile) in tqdm(profiles.items(), desc="evaluate", leave=False):
+        r = evaluate(model, eval_ids, profile, backend=backend)
+        configs.append({"name": config_name, "group": group, "perplexity": r.perplexity, "accuracy": r.accuracy,
+                        "effective_context": r.effective_context, "tokens": r.tokens,
+                        "kv_fraction": profile.summary(eval_ids.numel())["kv_fraction"]})
+    steps.update()
+
+    # 4. decode speed and KV bytes at `decode_context` tokens: full cache vs the head-aware and budget profiles
+    prompt = ids[:decode_context]
+    speed = {"full": _decode_speed(model, prompt, new_tokens)}
+    for config_name in ("head_aware", f"from_budget_{budgets[len(budgets) // 2]}", f"from_budget_{budgets[0]}"):
+        speed[config_name] = _decode_speed(model, prompt, new_tokens, profiles[config_name][1], backend)
+    steps.update()
+
+    # 5. figures and the results file
+    results = {"format": "headkv-demo/1", "model": name, "tokens": int(eval_ids.numel()), "configs": configs,
+               "decode": {k: {"ms_per_token": v[0], "kv_bytes": v[1]} for k, v in speed.items()},
+               "decode_context": decode_context, "analysis": result.model_info,
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
+               "headkv_engine": __version__, "date": datetime.date.today().isoformat()}
+    write_json_atomic(os.path.join(output_dir, "demo_results.json"), results)
+    plot_ppl_vs_context(results, os.path.join(output_dir, "ppl_vs_context.png"))
+    steps.update()
+
+    # 6. the report
+    results["seconds"] = time.perf_counter() - began
+    _write_report(results, classifications, output_dir)
+    steps.update()
+    steps.close()
+    return results
+
+
+def _write_report(results, classifications, output_dir):
+    configs = {c["name"]: c for c in results["configs"]}
+    full = configs["full"]
+    types = {}
+    for c in classifications:
+        types[c.head_type] = types.get(c.head_type, 0) + 1
+    analysis = results["analysis"]
+    lines = [
+        f"# headkv-engine demo: {results['model']}",
+        "",
+        f"{results['date']}, headkv-engine {results['headkv_engine']}, torch {results['torch']}, {results['machine']}; "
+        f"{results['seconds']:.0f} s in all.",
+        "",
+        "## What was done",
+        "",
+        f"1. **Analysis.** Every one of the {analysis['num_layers']} x {analysis['num_heads']} heads was measured on "
+        f"{analysis['tokens']} held-out tokens (entropy, sink / local / recent / global mass, distance histograms) "
+        "by fused kernels, without attention matrices. Files and figures: `analysis/`.",
+        f"2. **Classification.** Head types: {', '.join(f'{k} {v}' for k, v in sorted(types.items()))}.",
+        "3. **Profiles.** StreamingLLM (4 sinks + window) and `from_budget` (each head's sink and window chosen to "
+        "cover the most attention mass under the same mean budget) at each budget, and the head-aware profile of "
+        "the classification. Files: `profiles/`.",
+        f"4. **Evaluation.** Perplexity and next-token accuracy on {results['tokens'] + 1} held-out tokens in one "
+        "masked pass per profile (identical to token-by-token decoding with the ragged cache).",
+        f"5. **Speed and memory.** Greedy decoding after a {results['decode_context']}-token prompt, full cache vs "
+        "ragged cache.",
+        "",
+        "## Perplexity at equal budget",
+        "",
+        "| profile | PPL | vs full | accuracy | effective context | KV kept |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in sorted(results["configs"], key=lambda c: (c["effective_context"], c["name"])):
+        lines.append(f"| {c['name']} | {c['perplexity']:.2f} | {100 * (c['perplexity'] / full['perplexity'] - 1):+.1f}% | "
+                     f"{100 * c['accuracy']:.1f}% | {c['effective_context']:.1f} | {100 * c['kv_fraction']:.1f}% |")
+    lines += ["", "## Decode speed and KV bytes", "", "| cache | ms / token | KV bytes | vs full |", "|---|---|---|---|"]
+    dense = results["decode"]["full"]
+    for k, v in results["decode"].items():
+        lines.append(f"| {k} | {v['ms_per_token']:.2f} | {v['kv_bytes']:,} | {100 * v['kv_bytes'] / dense['kv_bytes']:.1f}% "
+                     f"of the bytes, {dense['ms_per_token'] / v['ms_per_token']:.2f}x the speed |")
+    wins = []
+    for c in results["configs"]:
+        if c["group"] == "from_budget":
+            budget = c["name"].rsplit("_", 1)[1]
+            streaming = configs.get(f"B_streaming_{budget}")
+            if streaming:
+                wins.append((budget, c["perplexity"], streaming["perplexity"]))
+    better = [w for w in wins if w[1] <= w[2]]
+    frontier = ", ".join(c["name"] for c in pareto_frontier([c for c in results["configs"] if c["name"] != "full"]))
+    lines += [
+        "",
+        "## What it means",
+        "",
+        f"- `from_budget` is at or below StreamingLLM's perplexity at {len(better)} of {len(wins)} budgets "
+        f"({'; '.join(f'{b}: {f:.2f} vs {s:.2f}' for b, f, s in wins)}).",
+        f"- The Pareto frontier (no profile with both less context and lower perplexity): {frontier}.",
+        f"- The head-aware profile keeps {100 * configs['head_aware']['kv_fraction']:.1f}% of the KV cache at "
+        f"{100 * (configs['head_aware']['perplexity'] / full['perplexity'] - 1):+.1f}% perplexity.",
+        "- Decode speed-ups grow with the context and with the share of the step spent in attention; on a model "
+        "this small the MLP and LM head dominate a decode step at this context.",
+        "",
+        "## Figures",
+        "",
+        "![perplexity vs effective context](ppl_vs_context.png)",
+        "",
+        "![entropy per head](analysis/entropy_heatmap.png)",
+        "",
+        "![position preference](analysis/position_preference.png)",
+        "",
+        "![relative position](analysis/relative_position_heatmap.png)",
+        "",
+    ]
+    path = os.path.join(output_dir, "report.md")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    os.replace(path + ".tmp", path)

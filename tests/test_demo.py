@@ -1,0 +1,30 @@
+"""`headkv demo` end to end on the built-in model, in a shortened setting."""
+
+import json
+
+from headkv_engine.cli import main
+
+
+def test_demo_writes_a_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--output-dir", str(out), "--analysis-tokens", "300", "--eval-tokens", "200",
+            "--decode-context", "96", "--new-tokens", "3", "--budgets", "16", "48"]
+    assert main(args) == 0
+    results = json.loads((out / "demo_results.json").read_text())
+    names = {c["name"] for c in results["configs"]}
+    assert names == {"full", "head_aware", "B_streaming_16", "B_streaming_48", "from_budget_16", "from_budget_48"}
+    assert all(c["tokens"] == 199 and c["perplexity"] > 1 for c in results["configs"])
+    assert next(c for c in results["configs"] if c["name"] == "from_budget_16")["effective_context"] <= 16
+    assert results["decode"]["from_budget_16"]["kv_bytes"] < results["decode"]["full"]["kv_bytes"]
+    report = (out / "report.md").read_text()
+    assert "## Perplexity at equal budget" in report and "B_streaming_48" in report
+    for name in ("ppl_vs_context.png", "analysis/head_statistics.json", "analysis/entropy_heatmap.png",
+                 "profiles/from_budget_16.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert main(args) == 2  # results are not overwritten without --force
+    assert "--force" in capsys.readouterr().err
+
+
+def test_demo_bad_budget(tmp_path, capsys):
+    assert main(["demo", "--output-dir", str(tmp_path / "d"), "--budgets", "4"]) == 2
+    assert "--budgets" in capsys.readouterr().err
