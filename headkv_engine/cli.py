@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     demo.set_defaults(func=_command("demo"))
 
+    bench = commands.add_parser("bench", help="end-to-end generation: TTFT, TPOT, throughput, memory vs full cache")
+    from headkv_engine.e2e_bench import add_arguments  # noqa: PLC0415
+
+    add_arguments(bench)
+    bench.add_argument("--output-dir", default="headkv-bench")
+    bench.set_defaults(func=_command("bench"))
+
     ablate = commands.add_parser("ablate", help="seed 004's ablation study: perplexity per policy and budget")
     ablate.add_argument("--model", default="builtin")
     ablate.add_argument("--text-file", help="evaluation text (default: the built-in held-out text)")

@@ -91,6 +91,16 @@ def demo(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    from headkv_engine.e2e_bench import run  # noqa: PLC0415
+
+    if args.budget <= 4:
+        raise ValueError(f"--budget must exceed the 4 StreamingLLM sinks, got {args.budget}")
+    run(args)
+    print(open(os.path.join(args.output_dir, "bench_results.md"), encoding="utf-8").read())
+    return 0
+
+
 def show_json(path) -> None:
     with open(path, encoding="utf-8") as f:
         print(json.dumps(json.load(f), indent=2))

@@ -28,3 +28,16 @@ def test_demo_writes_a_report(tmp_path, capsys):
 def test_demo_bad_budget(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(tmp_path / "d"), "--budgets", "4"]) == 2
     assert "--budgets" in capsys.readouterr().err
+
+
+def test_bench_compares_with_the_full_cache(tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "--method", "streaming_llm", "--budget", "24", "--num-samples", "1", "--max-tokens", "64",
+            "--max-new-tokens", "3", "--output-dir", str(out)]
+    assert main(args) == 0
+    rows = json.loads((out / "bench_results.json").read_text())
+    assert [r["method"] for r in rows] == ["full", "streaming_llm"]
+    full, streaming = rows
+    assert streaming["kv_bytes"] < full["kv_bytes"] and streaming["kv_fraction_of_full"] < 1
+    assert all(r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["throughput_tok_s"] > 0 for r in rows)
+    assert "| streaming_llm | 24 |" in (out / "bench_results.md").read_text()

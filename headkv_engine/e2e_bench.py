@@ -1,0 +1,233 @@
+"""`headkv bench`: end-to-end generation with each compression method against the full cache, in one run.
+
+For every method and prompt: TTFT (prefill and the first token), TPOT (mean time of each later token),
+throughput (generated tokens per second over the whole generation), peak memory and KV bytes. Each method runs
+in its own subprocess so that its peak memory (CUDA: max allocated; CPU: peak RSS above the loaded model) is
+its own. Methods: full, streaming_llm, head_aware, from_budget (ragged cache of the patched model),
+l2_compress, fix_size_l2 (dense cache pruned by key norm after prefill, Devoto et al. 2024).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import transformers
+
+from headkv_engine import __version__, loading
+from headkv_engine.methods import fix_size_l2, l2_compress
+from headkv_engine.patching import patch_model
+from headkv_engine.profile import Profile, write_json_atomic
+
+METHODS = ("full", "streaming_llm", "head_aware", "from_budget", "l2_compress", "fix_size_l2")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _kv_bytes(cache) -> int:
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _generate(model, prompt, new_tokens, compress=None):
+    """Greedy generation timed token by token: (ttft s, per-token times, cache)."""
+    device = prompt.device
+    _sync(device)
+    start = time.perf_counter()
+    out = model(prompt[None], use_cache=True)
+    cache = out.cache
+    token = out.logits[:, -1:].argmax(-1)
+    if compress is not None:
+        cache = compress(cache)
+    _sync(device)
+    ttft = time.perf_counter() - start
+    times = []
+    for step in range(new_tokens - 1):
+        start = time.perf_counter()
+        kwargs = {}
+        if compress is not None:  # a pruned dense cache no longer counts positions: give them
+            kwargs["position_ids"] = torch.tensor([[prompt.numel() + step]], device=device)
+        out = model(token, cache=cache, use_cache=True, **kwargs)
+        token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return ttft, times, cache
+
+
+def _profile(method, model, args):
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    if method == "streaming_llm":
+        return Profile.streaming_llm(layers, heads, sink_size=4, window_size=args.budget - 4)
+    if method == "head_aware":
+        if not args.classifications:
+            raise ValueError("--method head_aware needs --classifications (a head_classifications.json)")
+        return Profile.from_classifications(args.classifications)
+    if method == "from_budget":
+        if not args.statistics:
+            raise ValueError("--method from_budget needs --statistics (a head_statistics.json)")
+        return Profile.from_budget(args.statistics, args.budget, length=args.max_tokens)
+    return None
+
+
+def worker(args) -> dict:
+    """One method on every prompt, in this process; returns its measurements."""
+    device = torch.device(args.device)
+    model, tokenizer, name = loading.load_model(args.model)
+    model.to(device)
+    text = loading.load_text(args.text_file, None)
+    ids = loading.encode(tokenizer, text, args.num_samples * args.max_tokens, builtin=args.model == loading.BUILTIN)
+    prompts = [ids[i * args.max_tokens : (i + 1) * args.max_tokens].to(device) for i in range(args.num_samples)]
+    prompts = [p for p in prompts if p.numel() == args.max_tokens]
+    if not prompts:
+        raise ValueError(f"the text has fewer than --max-tokens={args.max_tokens} tokens")
+    profile = _profile(args.method, model, args)
+    compress = {
+        "l2_compress": lambda cache: l2_compress(cache, keep_ratio=args.budget / args.max_tokens),
+        "fix_size_l2": lambda cache: fix_size_l2(cache, max_tokens=args.budget),
+    }.get(args.method)
+    _generate(model, prompts[0][:16], 2)  # load kernels
+    base = _rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base_cuda = torch.cuda.memory_allocated(device)
+    ttfts, token_times, kv, total_time = [], [], [], 0.0
+    handle = patch_model(model, profile, backend=args.backend) if profile is not None else None
+    try:
+        for prompt in prompts:
+            ttft, times, cache = _generate(model, prompt, args.max_new_tokens, compress)
+            ttfts.append(ttft)
+            token_times.extend(times)
+            kv.append(_kv_bytes(cache))
+            total_time += ttft + sum(times)
+    finally:
+        if handle is not None:
+            handle.unpatch()
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return {
+        "method": args.method, "model": name, "prompts": len(prompts), "prompt_tokens": args.max_tokens,
+        "new_tokens": args.max_new_tokens,
+        "budget": args.budget if args.method not in ("full", "head_aware") else None,
+        "ttft_ms": 1000 * statistics.median(ttfts), "tpot_ms": 1000 * statistics.median(token_times),
+        "throughput_tok_s": len(prompts) * args.max_new_tokens / total_time, "peak_memory_mb": peak,
+        "kv_bytes": int(statistics.median(kv)), "backend": args.backend,
+    }
+
+
+def _commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return run.stdout.strip() or "unknown"
+
+
+def run(args) -> list[dict]:
+    """Every requested method (and `full`) in its own subprocess; CSV and markdown into args.output_dir."""
+    methods = list(METHODS) if args.compare_all else list(dict.fromkeys(["full", args.method]))
+    if args.compare_all:
+        if not args.classifications:
+            methods.remove("head_aware")
+        if not args.statistics:
+            methods.remove("from_budget")
+    rows = []
+    for method in methods:
+        cmd = [sys.executable, "-m", "headkv_engine.e2e_bench", "--method", method, "--model", args.model,
+               "--num-samples", str(args.num_samples), "--max-tokens", str(args.max_tokens),
+               "--max-new-tokens", str(args.max_new_tokens), "--budget", str(args.budget), "--backend", args.backend,
+               "--device", args.device]
+        for flag, value in (("--text-file", args.text_file), ("--classifications", args.classifications),
+                            ("--statistics", args.statistics)):
+            if value:
+                cmd += [flag, value]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"method {method} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else ''}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    full = rows[0]
+    meta = {"date": datetime.date.today().isoformat(), "machine": _machine(args.device), "torch": torch.__version__,
+            "transformers": transformers.__version__, "headkv_engine": __version__, "commit": _commit()}
+    for row in rows:
+        row.update(meta)
+        row["tpot_speedup_vs_full"] = full["tpot_ms"] / row["tpot_ms"]
+        row["kv_fraction_of_full"] = row["kv_bytes"] / full["kv_bytes"]
+    _write(rows, args.output_dir)
+    return rows
+
+
+def _machine(device) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def _write(rows, output_dir):
+    import csv  # noqa: PLC0415
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "bench_results.csv")
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
+    write_json_atomic(os.path.join(output_dir, "bench_results.json"), rows)
+    r0 = rows[0]
+    lines = [f"# End-to-end generation: {r0['model']}", "",
+             f"{r0['date']}; {r0['machine']}; torch {r0['torch']}, transformers {r0['transformers']}, headkv-engine "
+             f"{r0['headkv_engine']} ({r0['commit']}); {r0['prompts']} prompts of {r0['prompt_tokens']} tokens, "
+             f"{r0['new_tokens']} new tokens each, greedy; every method measured in the same run.", "",
+             "| method | budget | TTFT ms | TPOT ms | throughput tok/s | peak memory MB | KV bytes | TPOT vs full | KV vs full |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['budget'] or '-'} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | "
+                     f"{r['throughput_tok_s']:.1f} | {r['peak_memory_mb']:.0f} | {r['kv_bytes']:,} | "
+                     f"{r['tpot_speedup_vs_full']:.2f}x | {100 * r['kv_fraction_of_full']:.1f}% |")
+    with open(os.path.join(output_dir, "bench_results.md.tmp"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(os.path.join(output_dir, "bench_results.md.tmp"), os.path.join(output_dir, "bench_results.md"))
+
+
+def add_arguments(parser):
+    parser.add_argument("--method", default="head_aware", choices=METHODS)
+    parser.add_argument("--compare-all", action="store_true", help="every method (those whose inputs are given)")
+    parser.add_argument("--model", default="builtin")
+    parser.add_argument("--text-file")
+    parser.add_argument("--classifications", help="head_classifications.json for head_aware")
+    parser.add_argument("--statistics", help="head_statistics.json for from_budget")
+    parser.add_argument("--budget", type=int, default=128, help="kept tokens per head for the budgeted methods")
+    parser.add_argument("--num-samples", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=1024, help="prompt length")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+if __name__ == "__main__":  # the per-method worker
+    import argparse
+
+    worker_args = add_arguments(argparse.ArgumentParser()).parse_args()
+    print(json.dumps(worker(worker_args)))
