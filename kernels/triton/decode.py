@@ -89,7 +89,7 @@ def _decode_merge_kernel(
 
 
 def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_sink=None, fill=None,
-                     max_length=None, chunk=None, block_n=None):
+                     max_length=None, chunk=None, block_n=None, num_warps=None):
     """Launch: q [B, H, D] contiguous, pools [N, D], base/length int64 [B, H]; returns [B, H, D].
 
     max_length (an upper bound of `length` known on the host) avoids a device synchronisation.
@@ -117,6 +117,7 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
         q, q_sink if has_qsink else q, k_pool, v_pool, base, length, sink_size if has_qsink else base,
         part_o, part_m, part_l, scale, heads, num_chunks,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, HAS_QSINK=has_qsink,
+        **({"num_warps": num_warps} if num_warps else {}),
     )
     _decode_merge_kernel[(rows,)](
         part_o, part_m, part_l, fill if fill is not None else part_o, out, heads, num_chunks,

@@ -1,0 +1,37 @@
+"""Sweep of the Triton decode launch parameters (chunk rows, tile rows, warps) at pythia-2.8b shape, seed mix.
+
+    python bench/gpu_decode_sweep.py     # CUDA-graph time per configuration, best first
+"""
+
+import itertools
+
+import torch
+import triton.testing
+
+from headkv_engine.kernel_sources import triton_module
+
+from gpu_kernels import HEADS, HEAD_DIM, graph_ms, ragged_cache  # noqa: E402
+
+
+def main():
+    decode = triton_module("decode").decode_attention
+    for batch, context in ((1, 8192), (1, 32768), (8, 8192)):
+        k_pool, v_pool, base, kept, _, _ = ragged_cache(batch, context, torch.float16, torch.device("cuda"))
+        q = torch.randn(batch, HEADS, HEAD_DIM, dtype=torch.float16, device="cuda")
+        results = []
+        for chunk, block_n, warps in itertools.product((64, 128, 256, 512, 1024), (16, 32, 64, 128), (1, 2, 4, 8)):
+            if block_n > chunk:
+                continue
+            ms = graph_ms(lambda: decode(q, k_pool, v_pool, base, kept, 0.1, max_length=context, chunk=chunk,
+                                         block_n=block_n, num_warps=warps))
+            results.append((ms, chunk, block_n, warps))
+        results.sort()
+        default = graph_ms(lambda: decode(q, k_pool, v_pool, base, kept, 0.1, max_length=context))
+        gbps = (k_pool.nbytes + v_pool.nbytes) / 1e9
+        print(f"batch {batch} context {context}: default {1000 * default:.1f} us; best "
+              + "; ".join(f"{1000 * ms:.1f} us (chunk {c}, block {b}, warps {w}, {gbps / (ms * 1e-3):.0f} GB/s)"
+                          for ms, c, b, w in results[:4]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
