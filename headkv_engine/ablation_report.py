@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from headkv_engine.files import save_figure, write_text_atomic  # noqa: E402
+
 COLORS = {"A": "tab:red", "B": "tab:green", "G": "tab:blue", "I": "tab:purple", "J": "tab:orange", "K": "tab:cyan",
           "from_budget": "black", "head_aware": "tab:brown", "full": "tab:gray"}
 
@@ -84,14 +86,6 @@ def markdown(results) -> str:
     return "\n".join(lines)
 
 
-def _save(fig, path):
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def plot_ppl_vs_context(results, path):
     configs = [c for c in results["configs"] if c["name"] != "full"]
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -111,7 +105,7 @@ def plot_ppl_vs_context(results, path):
     ax.set_ylabel("perplexity")
     ax.set_title(f"Perplexity vs effective context — {results['model']}")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_sink_importance(results, path):
@@ -128,7 +122,7 @@ def plot_sink_importance(results, path):
     ax.set_ylabel("perplexity")
     ax.set_title("Sink tokens: window only vs StreamingLLM")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_confidence_threshold(results, path):
@@ -146,7 +140,7 @@ def plot_confidence_threshold(results, path):
         ax.set_ylabel("perplexity")
         ax.set_title(f"base window {base}")
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_best_configs(results, path, top=10):
@@ -156,7 +150,7 @@ def plot_best_configs(results, path, top=10):
     ax.barh(names, [c["perplexity"] for c in configs][::-1], color=[COLORS.get(c["group"]) for c in configs][::-1])
     ax.set_xlabel("perplexity")
     ax.set_title("Best configurations")
-    _save(fig, path)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_inverse(results, path):
@@ -172,7 +166,7 @@ def plot_inverse(results, path):
     ax.set_xlabel("perplexity")
     ax.set_title("Windows per head type (groups I, J, K)")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path, dpi=120)
 
 
 def write_report(results, output_dir) -> list[str]:
@@ -189,8 +183,5 @@ def write_report(results, output_dir) -> list[str]:
         draw(results, os.path.join(output_dir, name))
         written.append(name)
     report = markdown(results) + "\n## Figures\n\n" + "\n".join(f"![{n}]({n})" for n in written) + "\n"
-    path = os.path.join(output_dir, "ablation_report.md")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(report)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(os.path.join(output_dir, "ablation_report.md"), report)
     return [*written, "ablation_report.md"]

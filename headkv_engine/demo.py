@@ -19,6 +19,7 @@ from headkv_engine import __version__, loading
 from headkv_engine.ablation_report import pareto_frontier, plot_ppl_vs_context
 from headkv_engine.analysis import analyze, classify, save_classifications, write_analysis
 from headkv_engine.evaluation import evaluate
+from headkv_engine.files import write_text_atomic
 from headkv_engine.patching import patch_model
 from headkv_engine.profile import Profile, write_json_atomic
 
@@ -184,7 +185,4 @@ def _write_report(results, classifications, output_dir):
         "![relative position](analysis/relative_position_heatmap.png)",
         "",
     ]
-    path = os.path.join(output_dir, "report.md")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
+    write_text_atomic(os.path.join(output_dir, "report.md"), "\n".join(lines))

@@ -23,6 +23,7 @@ import torch
 import transformers
 
 from headkv_engine import __version__, loading
+from headkv_engine.files import write_text_atomic
 from headkv_engine.methods import fix_size_l2, l2_compress
 from headkv_engine.patching import patch_model
 from headkv_engine.profile import Profile, write_json_atomic
@@ -205,9 +206,7 @@ def _write(rows, output_dir):
         lines.append(f"| {r['method']} | {r['budget'] or '-'} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | "
                      f"{r['throughput_tok_s']:.1f} | {r['peak_memory_mb']:.0f} | {r['kv_bytes']:,} | "
                      f"{r['tpot_speedup_vs_full']:.2f}x | {100 * r['kv_fraction_of_full']:.1f}% |")
-    with open(os.path.join(output_dir, "bench_results.md.tmp"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(os.path.join(output_dir, "bench_results.md.tmp"), os.path.join(output_dir, "bench_results.md"))
+    write_text_atomic(os.path.join(output_dir, "bench_results.md"), "\n".join(lines) + "\n")
 
 
 def add_arguments(parser):

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from headkv_engine.files import save_figure  # noqa: E402
 from headkv_engine.ops.statistics import REGIONS  # noqa: E402
 
 TYPE_COLORS = {
@@ -36,14 +37,6 @@ def _ticks(ax, layers, heads):
     ax.set_ylabel("layer")
 
 
-def _save(fig, path):
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def _heatmap(statistics, value, title, label, path, cmap="viridis", vmin=None, vmax=None):
     grid = _grid(statistics, value)
     layers, heads = grid.shape
@@ -52,7 +45,7 @@ def _heatmap(statistics, value, title, label, path, cmap="viridis", vmin=None, v
     _ticks(ax, layers, heads)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label=label)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def entropy_heatmap(statistics, path):
@@ -68,7 +61,7 @@ def sink_ratio_analysis(statistics, path):
         _ticks(ax, *grid.shape)
         ax.set_title(title)
         fig.colorbar(image, ax=ax, label="share of attention")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def position_preference(statistics, path):
@@ -91,7 +84,7 @@ def position_preference(statistics, path):
     ax.set_ylabel("share of attention")
     ax.set_title("Where each head attends: sink / local / recent / global")
     ax.legend(loc="upper right", ncol=4, fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def relative_position_heatmap(statistics, path):
@@ -108,7 +101,7 @@ def relative_position_heatmap(statistics, path):
     ax.set_ylabel("heads, layer by layer")
     ax.set_title("Attention mass by relative position (log10)")
     fig.colorbar(image, ax=ax, label="log10 mass")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def head_clustering(statistics, path, clusters: int = 4):
@@ -132,7 +125,7 @@ def head_clustering(statistics, path, clusters: int = 4):
     _ticks(axes[1], *grid.shape)
     axes[1].set_title("Cluster of each head")
     fig.colorbar(image, ax=axes[1], label="cluster")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def analysis_figures(statistics, output_dir) -> list[str]:
@@ -159,7 +152,7 @@ def relative_position_by_type(statistics, classifications, path):
     ax.set_ylabel("mean attention mass")
     ax.set_title("Relative-position profile by head type")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def sink_vs_local_scatter(statistics, classifications, path):
@@ -175,7 +168,7 @@ def sink_vs_local_scatter(statistics, classifications, path):
     ax.set_ylim(0, 1)
     ax.set_title("Sink vs local attention per head")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def entropy_by_type(statistics, classifications, path):
@@ -187,7 +180,7 @@ def entropy_by_type(statistics, classifications, path):
     ax.set_xticks(range(1, len(names) + 1), [f"{n}\n({len(d)})" for n, d in zip(names, data)])
     ax.set_ylabel("mean entropy (nats)")
     ax.set_title("Entropy by head type")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def validation_figures(statistics, classifications, output_dir) -> list[str]:

@@ -9,12 +9,7 @@ import torch
 from headkv_engine.analysis.analyzer import AnalysisResult, analyze
 from headkv_engine.analysis.classify import classify, save_classifications, summarize
 from headkv_engine.analysis.plots import analysis_figures, validation_figures
-
-
-def _write_text(path, text):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+from headkv_engine.files import write_text_atomic
 
 
 def summary_text(statistics, classifications, model_info) -> str:
@@ -64,7 +59,7 @@ def write_analysis(result: AnalysisResult, output_dir, scheme="refined", thresho
     classifications = classify(result.statistics, scheme=scheme, thresholds=thresholds)
     save_classifications(classifications, os.path.join(output_dir, "head_classifications.json"), scheme, thresholds)
     figures = analysis_figures(result.statistics, output_dir)
-    _write_text(os.path.join(output_dir, "analysis_summary.txt"),
+    write_text_atomic(os.path.join(output_dir, "analysis_summary.txt"),
                 summary_text(result.statistics, classifications, result.model_info))
     return ["head_statistics.json", "head_classifications.json", *figures, "analysis_summary.txt"]
 
@@ -81,7 +76,7 @@ def write_validation(statistics, model_info, output_dir, thresholds=None) -> lis
     text += "".join(f"  {k:<18}: {v:5d}\n" for k, v in legacy["type_distribution"].items())
     low_confidence = [c for c in classifications if c.confidence < 0.3]
     text += f"\nLOW-CONFIDENCE HEADS (< 0.3): {len(low_confidence)} of {len(classifications)}\n"
-    _write_text(os.path.join(output_dir, "validation_report.txt"), text)
+    write_text_atomic(os.path.join(output_dir, "validation_report.txt"), text)
     return ["refined_classifications.json", *figures, "validation_report.txt"]
 
 
@@ -113,4 +108,4 @@ class AttentionAnalyzer:
         result.save(output_dir)
         save_classifications(classifications, os.path.join(output_dir, "head_classifications.json"))
         analysis_figures(stats, output_dir)
-        _write_text(os.path.join(output_dir, "analysis_summary.txt"), summary_text(stats, classifications, info))
+        write_text_atomic(os.path.join(output_dir, "analysis_summary.txt"), summary_text(stats, classifications, info))
