@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--statistics", help="head_statistics.json (from_budget rows)")
     ablate.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     ablate.add_argument("--max-tokens", type=int, default=1000)
+    ablate.add_argument("--offset", type=int, default=0,
+                        help="evaluate from this token of the text on (e.g. past the part the analysis saw)")
     ablate.add_argument("--backend", default="auto", choices=backends)
     ablate.add_argument("--output-dir", required=True)
     ablate.add_argument("--force", action="store_true", help="start over instead of resuming")

@@ -59,7 +59,7 @@ def ablate(args) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     model, tokenizer, name = loading.load_model(args.model)
     text = loading.load_text(args.text_file, None)
-    ids = loading.encode(tokenizer, text, args.max_tokens, builtin=args.model == loading.BUILTIN)
+    ids = loading.encode(tokenizer, text, args.max_tokens, builtin=args.model == loading.BUILTIN, offset=args.offset)
     classifications = args.classifications
     statistics = args.statistics
     if classifications and not os.path.isfile(classifications):

@@ -59,11 +59,16 @@ def load_text(text_file: str | None = None, dataset: str | None = None) -> str:
     return zoo.heldout_text()
 
 
-def encode(tokenizer, text: str, max_tokens: int, builtin: bool) -> torch.Tensor:
-    """Token ids [T] (at most max_tokens); the built-in model gets its BOS first, as it was trained."""
+def encode(tokenizer, text: str, max_tokens: int, builtin: bool, offset: int = 0) -> torch.Tensor:
+    """Token ids [T] (at most max_tokens) of the text from its token `offset` on; the built-in model gets its
+    BOS first, as it was trained."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if offset >= len(ids):
+        raise ValueError(f"--offset: the text has only {len(ids)} tokens, fewer than the offset {offset}")
     if builtin:
-        return zoo.encode(tokenizer, text, max_tokens)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+        ids = [tokenizer.convert_tokens_to_ids(zoo.BOS_TOKEN)] + ids[offset : offset + max_tokens - 1]
+    else:
+        ids = ids[offset : offset + max_tokens]
     if len(ids) < 2:
         raise ValueError("the text gives fewer than 2 tokens")
     return torch.tensor(ids)
