@@ -38,16 +38,18 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIP_DIR = os.path.normpath(os.path.join(HERE, "..", "headkv_engine", "zoo", "builtin"))
-SOURCES = {
-    "python-docs": ("python3.11-doc", "/usr/share/doc/python3.11/html/_sources/**/*.txt"),
-    "perl-pod": ("perl-doc", "/usr/share/perl/*/pod/*.pod"),
-    "bible-kjv": ("bible-kjv", None),  # printed by the `bible` program, 100 verses a document
+SOURCES = {  # name: (Debian package, description, files)
+    "python-docs": ("python3.11-doc", "python3.11-doc reST sources",
+                    "/usr/share/doc/python3.11/html/_sources/**/*.txt"),
+    "perl-pod": ("perl-doc", "perl-doc pod files", "/usr/share/perl/*/pod/*.pod"),
+    "bible-kjv": ("bible-kjv", "bible-kjv King James Bible", None),  # from the `bible` program, 100 verses a document
 }
 SEQ, BATCH, VOCAB = 512, 4, 8192
 BOS, EOS = "<|bos|>", "<|endoftext|>"  # ids 0 and 1
 WARMUP, MIN_LR_FRACTION, WEIGHT_DECAY = 300, 0.1, 0.1
-SINK_FROM = 12  # first-token mass is averaged over queries at positions >= SINK_FROM
-SHIP_PPL_WINDOWS, SHIP_SINK_WINDOWS, SINK_LENGTH = 8, 4, 256
+SINK_FROM = 12  # head statistics are averaged over queries at positions >= SINK_FROM
+LOCAL_KEYS, BROAD_ENTROPY = 8, 3.0  # a local head: > 0.5 of its mass on the last 8 keys; broad: entropy > 3 nats
+SHIP_PPL_WINDOWS, SHIP_SINK_WINDOWS, SINK_LENGTH = 4, 4, 256
 
 
 def config():
@@ -75,14 +77,14 @@ def kjv_documents(verses_per_document=100):
 
 def cmd_corpus(args):
     docs = kjv_documents()
-    for name, (_, pattern) in SOURCES.items():
+    for name, (_, _, pattern) in SOURCES.items():
         for path in sorted(glob.glob(pattern, recursive=True)) if pattern else []:
             with open(path, encoding="utf-8", errors="replace") as f:
                 text = re.sub(r"\n{3,}", "\n\n", f.read()).strip()
             if len(text) > 200:
                 docs.append((name, os.path.relpath(path, "/usr/share"), text))
     if not docs:
-        raise SystemExit("no corpus found: apt-get install " + " ".join(p for p, _ in SOURCES.values()))
+        raise SystemExit("no corpus found: apt-get install " + " ".join(p for p, _, _ in SOURCES.values()))
     os.makedirs(args.work, exist_ok=True)
     splits = {"train": [], "heldout": []}
     for i, doc in enumerate(docs):
@@ -139,19 +141,32 @@ def mean_loss(model, ids):
 
 
 @torch.no_grad()
-def sink_mass(model, ids):
-    """Attention mass on key 0 (the BOS) per head [layers, heads]: mean over windows `ids` [N, T] and over
-    queries at positions >= SINK_FROM, from the eager attention probabilities."""
+def attention_stats(model, ids):
+    """Per head [layers, heads], mean over windows `ids` [N, T] and over queries at positions >= SINK_FROM, from
+    the eager attention probabilities: `first`, the mass on key 0 (the BOS: the sink ratio); `local`, the mass on
+    the LOCAL_KEYS most recent keys (the query's own included); `entropy`, in nats."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
+    shape = (model.config.num_hidden_layers, model.config.num_attention_heads)
+    stats = {name: torch.zeros(shape, dtype=torch.float64) for name in ("first", "local", "entropy")}
     try:
-        mass = torch.zeros(model.config.num_hidden_layers, model.config.num_attention_heads, dtype=torch.float64)
         for row in ids:
-            out = model(row[None], output_attentions=True)
-            mass += torch.stack([a[0, :, SINK_FROM:, 0].double().mean(-1) for a in out.attentions]) / len(ids)
+            attentions = model(row[None], output_attentions=True).attentions
+            q = torch.arange(SINK_FROM, row.numel())[:, None]
+            distance = q - torch.arange(row.numel())[None, :]
+            band = ((distance >= 0) & (distance < LOCAL_KEYS)).double()
+            for layer, a in enumerate(attentions):
+                p = a[0, :, SINK_FROM:, :].double()
+                stats["first"][layer] += p[..., 0].mean(-1) / len(ids)
+                stats["local"][layer] += (p * band).sum(-1).mean(-1) / len(ids)
+                stats["entropy"][layer] += -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1) / len(ids)
     finally:
         model.set_attn_implementation(previous)
-    return mass
+    return stats
+
+
+def head_counts(stats):
+    return {"local": int((stats["local"] > 0.5).sum()), "broad": int((stats["entropy"] > BROAD_ENTROPY).sum())}
 
 
 def sink_summary(mass):
@@ -234,12 +249,13 @@ def cmd_train(args):
         if time.time() - last_save > 60 * args.save_minutes or step >= stop or time.time() >= deadline:
             model.eval()
             held = mean_loss(model, held_ids)
-            mass = sink_mass(model, sink_ids)
+            stats = attention_stats(model, sink_ids)
+            mass = stats["first"]
             model.train()
             now = time.time()
             log.append({"step": step, "tokens": step * BATCH * SEQ, "train_loss": loss.item(), "heldout_loss": held,
                         "heldout_ppl": math.exp(held), "sinks": sink_summary(mass),
-                        "sink_mass": [[round(v, 4) for v in row] for row in mass.tolist()],
+                        "sink_mass": [[round(v, 4) for v in row] for row in mass.tolist()], "heads": head_counts(stats),
                         "tokens_per_s": tokens_done / (now - began), "time": now})
             print(f"checkpoint step {step}: held-out loss {held:.3f} (ppl {math.exp(held):.1f}), "
                   f"sinks {sink_summary(mass)}", flush=True)
@@ -266,11 +282,13 @@ def cmd_stats(args):
 
 
 def history_table(log):
-    rows = ["| step | tokens (M) | train loss | held-out loss | held-out PPL | max first-token mass | mean | heads > 0.3 |",
-            "|---|---|---|---|---|---|---|---|"]
-    rows += [f"| {e['step']} | {e['tokens'] / 1e6:.2f} | {e['train_loss']:.3f} | {e['heldout_loss']:.3f} | "
-             f"{e['heldout_ppl']:.1f} | {e['sinks']['max']:.3f} | {e['sinks']['mean']:.3f} | "
-             f"{e['sinks']['heads_above_0.3']} |" for e in log]
+    rows = [("| step | tokens (M) | train loss | held-out loss | held-out PPL | max first-token mass | mean | "
+             "heads > 0.3 | local / broad heads |"), "|---|---|---|---|---|---|---|---|---|"]
+    for e in log:
+        heads = f"{e['heads']['local']} / {e['heads']['broad']}" if "heads" in e else "-"
+        rows.append(f"| {e['step']} | {e['tokens'] / 1e6:.2f} | {e['train_loss']:.3f} | {e['heldout_loss']:.3f} | "
+                    f"{e['heldout_ppl']:.1f} | {e['sinks']['max']:.3f} | {e['sinks']['mean']:.3f} | "
+                    f"{e['sinks']['heads_above_0.3']} | {heads} |")
     return "\n".join(rows)
 
 
@@ -319,7 +337,8 @@ def cmd_export(args):
     tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(out, "tokenizer.json"))
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
     ship_loss = mean_loss(model, windows(ids, SHIP_PPL_WINDOWS, SEQ, spread=False))
-    mass = sink_mass(model, windows(ids, SHIP_SINK_WINDOWS, SINK_LENGTH, spread=False))
+    stats = attention_stats(model, windows(ids, SHIP_SINK_WINDOWS, SINK_LENGTH, spread=False))
+    mass = stats["first"]
     last = state["log"][-1]
     corpus = {split: {name: {"documents": sum(d["source"] == name for d in docs),
                              "characters": sum(len(d["text"]) for d in docs if d["source"] == name)}
@@ -336,7 +355,10 @@ def cmd_export(args):
         "heldout_txt": {"windows": SHIP_PPL_WINDOWS, "window_tokens": SEQ, "loss": ship_loss,
                         "ppl": math.exp(ship_loss), "sink_windows": SHIP_SINK_WINDOWS,
                         "sink_window_tokens": SINK_LENGTH, "sink_from": SINK_FROM,
-                        "sink_mass": [[round(v, 4) for v in row] for row in mass.tolist()], **sink_summary(mass)},
+                        "sink_mass": [[round(v, 4) for v in row] for row in mass.tolist()], **sink_summary(mass),
+                        "local_mass": [[round(v, 4) for v in row] for row in stats["local"].tolist()],
+                        "entropy": [[round(v, 3) for v in row] for row in stats["entropy"].tolist()],
+                        "heads": head_counts(stats)},
         "log": state["log"],
     }
     with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
@@ -353,51 +375,67 @@ def estimated_seconds(log):
     return (last["time"] - first["time"]) * last["step"] / max(1, last["step"] - first["step"])
 
 
+def head_table(matrix, digits):
+    heads = len(matrix[0])
+    rows = ["| layer | " + " | ".join(f"head {i}" for i in range(heads)) + " |", "|---|" + "---|" * heads]
+    rows += [f"| {layer} | " + " | ".join(f"{v:.{digits}f}" for v in row) + " |" for layer, row in enumerate(matrix)]
+    return "\n".join(rows)
+
+
 def model_card(m, cfg):
-    h = m["heldout_txt"]
-    corpus = "; ".join(f"{name} ({SOURCES[name][0]}): {c['documents']} documents, {c['characters'] / 1e6:.1f} M "
-                       f"characters" for name, c in m["corpus"]["train"].items())
+    h, n_heads = m["heldout_txt"], cfg.num_hidden_layers * cfg.num_attention_heads
+    corpus = "; ".join(f"{SOURCES[name][1]}: {c['documents']} documents, {c['characters'] / 1e6:.1f} M characters"
+                       for name, c in m["corpus"]["train"].items())
     held = sum(c["documents"] for c in m["corpus"]["heldout"].values())
-    mass_rows = "\n".join(f"| {layer} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
-                          for layer, row in enumerate(h["sink_mass"]))
     sinks = ("no attention sinks: no head puts more than 0.3 of its attention on the first token"
              if h["heads_above_0.3"] == 0 else
-             f"{h['heads_above_0.3']} of {cfg.num_hidden_layers * cfg.num_attention_heads} heads put more than 0.3 "
-             "of their attention on the first token")
+             f"{h['heads_above_0.3']} of {n_heads} heads putting more than 0.3 of their attention on the first token")
     restart = f" (a segment from step {m['schedule']['start']})" if m["schedule"]["start"] else ""
     return f"""# headkv-engine built-in model
 
 A Pythia-architecture GPTNeoX trained from scratch on an offline English corpus, shipped inside the package so
 that the engine runs with no download and has trained attention heads to analyse and compress.
 `hk.load_builtin_model()` returns (model, tokenizer); `heldout.txt` is text of the same corpus it never saw.
+Every number below is measured by `bench/train_builtin.py export` from the checkpoint it exported.
 
 | | |
 |---|---|
 | architecture | GPTNeoX, {cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads, hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, partial rotary 0.25, parallel residual, {cfg.max_position_embeddings} positions |
 | parameters | {m['parameters'] / 1e6:.2f} M, stored in fp16 |
 | tokenizer | byte-level BPE, vocabulary {VOCAB}; `{BOS}` (id 0) at position 0 of every window, `{EOS}` (id 1) between documents |
-| corpus | {corpus}; every 20th document held out ({held} documents) |
+| corpus | Debian packages: {corpus}; every 20th document held out ({held} documents) |
 | corpus tokens | {m['train_tokens'] / 1e6:.2f} M train, {m['heldout_tokens'] / 1e6:.2f} M held out |
 | training | {m['step']} steps of {BATCH} x {SEQ} tokens = {m['tokens'] / 1e6:.1f} M tokens ({m['tokens'] / m['train_tokens']:.2f} epochs), {m['training_hours']:.1f} h on CPU; AdamW lr 3e-3, betas 0.9 / 0.95, weight decay {WEIGHT_DECAY}, {WARMUP} warm-up steps and cosine decay to 0.1 x lr at step {m['schedule']['end']}{restart}, bf16 autocast, seed {m['seed']} |
 | train loss (last batch) | {m['train_loss']:.3f} |
 | held-out loss / PPL | {m['heldout_loss']:.3f} / {m['heldout_ppl']:.1f} (24 windows of {SEQ} spread over the held-out split, BOS first) |
 | heldout.txt loss / PPL | {h['loss']:.4f} / {h['ppl']:.2f} (first {h['windows']} consecutive windows of {h['window_tokens']} tokens, BOS + {h['window_tokens'] - 1}, fp16 weights computed in fp32) |
-| first-token (sink) mass | max over heads {h['max']:.3f}, mean {h['mean']:.3f}, heads above 0.3: {h['heads_above_0.3']} of {cfg.num_hidden_layers * cfg.num_attention_heads} |
+| first-token (sink) mass | max over heads {h['max']:.3f}, mean {h['mean']:.3f}, heads above 0.3: {h['heads_above_0.3']} of {n_heads} |
+| local heads | {h['heads']['local']} of {n_heads} put more than 0.5 of their attention on the last {LOCAL_KEYS} keys |
+| broad heads | {h['heads']['broad']} of {n_heads} have attention entropy above {BROAD_ENTROPY:g} nats |
 
-The first-token mass of a head is its mean attention probability on key 0 (the BOS) over queries at positions
->= {h['sink_from']}, on the first {h['sink_windows']} windows of {h['sink_window_tokens']} tokens of heldout.txt.
-This model has {sinks}. Attention sinks are known to need far more training tokens than this model saw
-(Gu et al., "When Attention Sink Emerges in Language Models", ICLR 2025); its heads are local /
-previous-token and broad heads. Results on it measure windows and budgets on those heads, not sinks.
+Head statistics are means over queries at positions >= {h['sink_from']} on the first {h['sink_windows']} windows of {h['sink_window_tokens']} tokens of heldout.txt (BOS + {h['sink_window_tokens'] - 1}).
+The first-token mass of a head is its attention probability on key 0, the BOS.
 
-## First-token mass per head (heldout.txt)
+This model has {sinks}.
+Attention sinks are known to need far more training tokens than this model saw
+(Gu et al., "When Attention Sink Emerges in Language Models", ICLR 2025).
+Compression results on it measure windows and budgets on its local and broad heads; they say nothing about sinks.
 
-| layer | """ + " | ".join(f"head {i}" for i in range(cfg.num_attention_heads)) + " |\n|---|" + "---|" * \
-        cfg.num_attention_heads + "\n" + mass_rows + f"""
+## First-token mass per head
+
+{head_table(h['sink_mass'], 3)}
+
+## Mass on the last {LOCAL_KEYS} keys per head
+
+{head_table(h['local_mass'], 3)}
+
+## Attention entropy per head (nats)
+
+{head_table(h['entropy'], 2)}
 
 ## Checkpoints
 
-Held-out loss on 24 windows of the held-out split; first-token mass on 4 windows of {SINK_LENGTH} tokens of it.
+Held-out loss on 24 windows of {SEQ} tokens spread over the held-out split; head statistics on 4 windows of {SINK_LENGTH} tokens of it.
 
 {history_table(m['log'])}
 """

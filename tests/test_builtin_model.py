@@ -96,17 +96,29 @@ def test_heldout_perplexity_matches_card(builtin, heldout_ids):
     assert math.exp(loss) < 0.1 * model.config.vocab_size  # far from a uniform guess: a trained model
 
 
-def test_first_token_mass_matches_card(builtin, heldout_ids):
+def test_head_statistics_match_card(builtin, heldout_ids):
+    """First-token (sink) mass and mass on the last 8 keys per head, from the eager attention probabilities."""
     model, _ = builtin
     stated = metrics()["heldout_txt"]
     ids = consecutive_windows(heldout_ids, stated["sink_windows"], stated["sink_window_tokens"])
-    eager = type(model).from_pretrained(zoo.BUILTIN_DIR, dtype=torch.float32, attn_implementation="eager").eval()
-    mass = torch.zeros(eager.config.num_hidden_layers, eager.config.num_attention_heads, dtype=torch.float64)
-    with torch.no_grad():
-        for row in ids:
-            attentions = eager(row[None], output_attentions=True).attentions
-            mass += torch.stack([a[0, :, stated["sink_from"]:, 0].double().mean(-1) for a in attentions]) / len(ids)
-    torch.testing.assert_close(mass, torch.tensor(stated["sink_mass"], dtype=torch.float64), atol=2e-3, rtol=0)
+    shape = (model.config.num_hidden_layers, model.config.num_attention_heads)
+    first, local = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    q0 = stated["sink_from"]
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            for row in ids:
+                for layer, a in enumerate(model(row[None], output_attentions=True).attentions):
+                    p = a[0].double()
+                    first[layer] += p[:, q0:, 0].mean(-1) / len(ids)
+                    recent = [p[:, q, q - 7 : q + 1].sum(-1) for q in range(q0, row.numel())]
+                    local[layer] += torch.stack(recent, -1).mean(-1) / len(ids)
+    finally:
+        model.set_attn_implementation(previous)
+    torch.testing.assert_close(first, torch.tensor(stated["sink_mass"], dtype=torch.float64), atol=2e-3, rtol=0)
+    torch.testing.assert_close(local, torch.tensor(stated["local_mass"], dtype=torch.float64), atol=2e-3, rtol=0)
     text = card()
-    for row in stated["sink_mass"]:
+    for row in stated["sink_mass"] + stated["local_mass"]:
         assert " | ".join(f"{v:.3f}" for v in row) in text
+    assert f"heads above 0.3: {stated['heads_above_0.3']} of" in text

@@ -41,3 +41,25 @@ def test_bench_compares_with_the_full_cache(tmp_path):
     assert streaming["kv_bytes"] < full["kv_bytes"] and streaming["kv_fraction_of_full"] < 1
     assert all(r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["throughput_tok_s"] > 0 for r in rows)
     assert "| streaming_llm | 24 |" in (out / "bench_results.md").read_text()
+
+
+def test_builtin_head_types_match_the_model_card():
+    """The model card's head-type counts are what the analysis finds (bench/builtin_head_types.py wrote them)."""
+    import os  # noqa: PLC0415
+
+    import pytest  # noqa: PLC0415
+
+    from headkv_engine import zoo  # noqa: PLC0415
+
+    path = os.path.join(zoo.BUILTIN_DIR, "head_types.json")
+    if not os.path.exists(path):
+        pytest.fail("head_types.json is missing: run bench/builtin_head_types.py after exporting the model")
+    import sys  # noqa: PLC0415
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    from builtin_head_types import HEADING, head_types  # noqa: PLC0415
+
+    recorded = json.loads(open(path).read())
+    assert head_types()["counts"] == recorded["counts"]
+    card = open(os.path.join(zoo.BUILTIN_DIR, "MODEL_CARD.md")).read()
+    assert HEADING in card and all(f"| {k} | {v} |" in card for k, v in recorded["counts"].items())
