@@ -54,13 +54,15 @@ def configurations(ablation: str, classifications=None, statistics=None, budgets
     return unique
 
 
-def build_profile(name: str, num_layers: int, num_heads: int, classifications=None, statistics=None) -> Profile:
+def build_profile(name: str, num_layers: int, num_heads: int, classifications=None, statistics=None,
+                  length: int | None = None) -> Profile:
+    """The profile of configuration `name`; `length` is the evaluated context (what a full head costs)."""
     if name == "full":
         return Profile.full(num_layers, num_heads)
     if name == "head_aware":
         return Profile.head_aware(classifications)
     if name.startswith("from_budget_"):
-        return Profile.from_budget(statistics, mean_tokens=int(name.rsplit("_", 1)[1]))
+        return Profile.from_budget(statistics, mean_tokens=int(name.rsplit("_", 1)[1]), length=length)
     return Profile.from_group_name(name, classifications, num_layers, num_heads)
 
 
@@ -73,9 +75,12 @@ def _commit() -> str:
         return "unknown"
 
 
-def run_ablation(model, input_ids: torch.Tensor, output_dir, *, ablation="all", classifications=None, statistics=None,
+def run_ablation(model, input_ids, output_dir, *, ablation="all", classifications=None, statistics=None,
                  model_name="model", budgets=BUDGETS, backend="auto", progress=True) -> dict:
-    """Evaluate every configuration; results go to `output_dir/ablation_results.json` after each one."""
+    """Evaluate every configuration on `input_ids` (a sequence, a batch or a list of windows); results go to
+    `output_dir/ablation_results.json` after each one."""
+    windows = [input_ids] if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1 else list(input_ids)
+    length = max(int(w.numel()) for w in windows)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "ablation_results.json")
     if os.path.exists(path):
@@ -85,18 +90,19 @@ def run_ablation(model, input_ids: torch.Tensor, output_dir, *, ablation="all", 
             raise ValueError(f"{path} holds results of another run (model {results.get('model')!r}); use another "
                              "--output-dir or --force")
     else:
-        results = {"format": RESULTS_FORMAT, "model": model_name, "tokens": int(input_ids.numel()),
+        results = {"format": RESULTS_FORMAT, "model": model_name, "tokens": sum(int(w.numel()) for w in windows),
+                   "windows": len(windows), "window_tokens": length,
                    "created": datetime.datetime.now().isoformat(timespec="seconds"), "configs": []}
     done = {c["name"] for c in results["configs"]}
     todo = [c for c in configurations(ablation, classifications, statistics, budgets) if c[0] not in done]
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     for name, group in tqdm(todo, desc="ablation", disable=not progress):
-        profile = build_profile(name, layers, heads, classifications, statistics)
-        result = evaluate(model, input_ids, profile, backend=backend)
+        profile = build_profile(name, layers, heads, classifications, statistics, length)
+        result = evaluate(model, windows, profile, backend=backend)
         results["configs"].append({
             "name": name, "group": group, "parameters": profile.meta, "perplexity": result.perplexity,
             "accuracy": result.accuracy, "effective_context": result.effective_context, "tokens": result.tokens,
-            "kv_fraction": profile.summary(int(input_ids.shape[-1]))["kv_fraction"], "seconds": result.seconds,
+            "kv_fraction": profile.summary(length)["kv_fraction"], "seconds": result.seconds,
             "model": model_name, "commit": _commit(),
         })
         write_json_atomic(path, results)

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="builtin", help="hub id, local directory, or 'builtin' (default)")
     demo.add_argument("--text-file", help="held-out text (default: the built-in held-out text)")
     demo.add_argument("--analysis-tokens", type=int, default=2048)
-    demo.add_argument("--eval-tokens", type=int, default=1000)
+    demo.add_argument("--eval-tokens", type=int, default=512, help="tokens per evaluation window")
+    demo.add_argument("--eval-windows", type=int, default=4, help="consecutive evaluation windows")
     demo.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 256])
     demo.add_argument("--decode-context", type=int, default=1024)
     demo.add_argument("--new-tokens", type=int, default=32)
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--statistics", help="head_statistics.json (from_budget rows)")
     ablate.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     ablate.add_argument("--max-tokens", type=int, default=1000)
+    ablate.add_argument("--windows", type=int, default=1, help="evaluate this many consecutive windows of --max-tokens")
     ablate.add_argument("--offset", type=int, default=0,
                         help="evaluate from this token of the text on (e.g. past the part the analysis saw)")
     ablate.add_argument("--backend", default="auto", choices=backends)

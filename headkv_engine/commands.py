@@ -59,7 +59,8 @@ def ablate(args) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     model, tokenizer, name = loading.load_model(args.model)
     text = loading.load_text(args.text_file, None)
-    ids = loading.encode(tokenizer, text, args.max_tokens, builtin=args.model == loading.BUILTIN, offset=args.offset)
+    ids = loading.encode_windows(tokenizer, text, args.max_tokens, args.windows, builtin=args.model == loading.BUILTIN,
+                                 offset=args.offset)
     classifications = args.classifications
     statistics = args.statistics
     if classifications and not os.path.isfile(classifications):
@@ -82,7 +83,8 @@ def demo(args) -> int:
     loading.prepare_output_dir(args.output_dir, args.force)
     results = run_demo(args.output_dir, model_id=args.model, text_file=args.text_file,
                        analysis_tokens=args.analysis_tokens, eval_tokens=args.eval_tokens,
-                       budgets=tuple(sorted(args.budgets)), decode_context=args.decode_context,
+                       budgets=tuple(sorted(args.budgets)), eval_windows=args.eval_windows,
+                       decode_context=args.decode_context,
                        new_tokens=args.new_tokens, backend=args.backend)
     full = next(c for c in results["configs"] if c["name"] == "full")
     print(f"{results['model']}: full-cache perplexity {full['perplexity']:.2f} on {results['tokens']} tokens; "

@@ -45,14 +45,17 @@ def _decode_speed(model, prompt, new_tokens, profile=None, backend="auto"):
     return ms, cache.nbytes()
 
 
-def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=2048, eval_tokens=1000,
+def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=2048, eval_tokens=512, eval_windows=4,
              budgets=(32, 64, 128, 256), decode_context=1024, new_tokens=32, backend="auto") -> dict:
     began = time.perf_counter()
     steps = tqdm(total=6, desc="demo", unit="step")
     model, tokenizer, name = loading.load_model(model_id)
     text = loading.load_text(text_file, None)
     builtin = model_id == loading.BUILTIN
-    ids = loading.encode(tokenizer, text, max(analysis_tokens, eval_tokens, decode_context), builtin=builtin)
+    ids = loading.encode(tokenizer, text, max(analysis_tokens, decode_context), builtin=builtin)
+    # evaluation windows come after the analysed tokens when the text is long enough
+    eval_ids = loading.encode_windows(tokenizer, text, eval_tokens, eval_windows, builtin=builtin,
+                                      offset=analysis_tokens)
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     steps.set_postfix_str("analysis")
 
@@ -77,15 +80,13 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
         profile.save(os.path.join(output_dir, "profiles", f"{config_name}.json"))
     steps.update()
 
-    # 3. evaluate every profile on the evaluation tokens (one masked pass each); the held-out text after the
-    #    analysed part when it is long enough
-    eval_ids = ids[-eval_tokens:] if ids.numel() >= analysis_tokens + eval_tokens else ids[:eval_tokens]
+    # 3. evaluate every profile on the evaluation windows (one masked pass each)
     configs = []
     for config_name, (group, profile) in tqdm(profiles.items(), desc="evaluate", leave=False):
         r = evaluate(model, eval_ids, profile, backend=backend)
         configs.append({"name": config_name, "group": group, "perplexity": r.perplexity, "accuracy": r.accuracy,
                         "effective_context": r.effective_context, "tokens": r.tokens,
-                        "kv_fraction": profile.summary(eval_ids.numel())["kv_fraction"]})
+                        "kv_fraction": profile.summary(eval_tokens)["kv_fraction"]})
     steps.update()
 
     # 4. decode speed and KV bytes at `decode_context` tokens: full cache vs the head-aware and budget profiles
@@ -96,7 +97,8 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
     steps.update()
 
     # 5. figures and the results file
-    results = {"format": "headkv-demo/1", "model": name, "tokens": int(eval_ids.numel()), "configs": configs,
+    results = {"format": "headkv-demo/1", "model": name, "tokens": configs[0]["tokens"], "windows": len(eval_ids),
+               "window_tokens": eval_tokens, "configs": configs,
                "decode": {k: {"ms_per_token": v[0], "kv_bytes": v[1]} for k, v in speed.items()},
                "decode_context": decode_context, "analysis": result.model_info,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
@@ -135,8 +137,9 @@ def _write_report(results, classifications, output_dir):
         "3. **Profiles.** StreamingLLM (4 sinks + window) and `from_budget` (each head's sink and window chosen to "
         "cover the most attention mass under the same mean budget) at each budget, and the head-aware profile of "
         "the classification. Files: `profiles/`.",
-        f"4. **Evaluation.** Perplexity and next-token accuracy on {results['tokens'] + 1} held-out tokens in one "
-        "masked pass per profile (identical to token-by-token decoding with the ragged cache).",
+        f"4. **Evaluation.** Perplexity and next-token accuracy on {results['windows']} held-out windows of "
+        f"{results['window_tokens']} tokens (after the analysed ones), in one masked pass per profile (identical "
+        "to token-by-token decoding with the ragged cache).",
         f"5. **Speed and memory.** Greedy decoding after a {results['decode_context']}-token prompt, full cache vs "
         "ragged cache.",
         "",

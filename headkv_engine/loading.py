@@ -79,3 +79,21 @@ def prepare_output_dir(path: str, force: bool) -> None:
     if os.path.isdir(path) and os.listdir(path) and not force:
         raise ValueError(f"--output-dir: {path!r} already holds results; pass --force to overwrite them")
     os.makedirs(path, exist_ok=True)
+
+
+def encode_windows(tokenizer, text: str, window: int, count: int, builtin: bool, offset: int = 0) -> list:
+    """`count` consecutive windows of `window` tokens from token `offset` on (each with the BOS first for the
+    built-in model); fewer if the text runs out, an error if none fits."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    step = window - 1 if builtin else window
+    windows = []
+    for i in range(count):
+        part = ids[offset + i * step : offset + (i + 1) * step]
+        if len(part) < step:
+            break
+        if builtin:
+            part = [tokenizer.convert_tokens_to_ids(zoo.BOS_TOKEN)] + part
+        windows.append(torch.tensor(part))
+    if not windows:
+        raise ValueError(f"the text has fewer than {offset + step} tokens: no window of {window} tokens fits")
+    return windows

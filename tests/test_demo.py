@@ -7,13 +7,13 @@ from headkv_engine.cli import main
 
 def test_demo_writes_a_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["demo", "--output-dir", str(out), "--analysis-tokens", "300", "--eval-tokens", "200",
+    args = ["demo", "--output-dir", str(out), "--analysis-tokens", "300", "--eval-tokens", "100", "--eval-windows", "2",
             "--decode-context", "96", "--new-tokens", "3", "--budgets", "16", "48"]
     assert main(args) == 0
     results = json.loads((out / "demo_results.json").read_text())
     names = {c["name"] for c in results["configs"]}
     assert names == {"full", "head_aware", "B_streaming_16", "B_streaming_48", "from_budget_16", "from_budget_48"}
-    assert all(c["tokens"] == 199 and c["perplexity"] > 1 for c in results["configs"])
+    assert all(c["tokens"] == 2 * 99 and c["perplexity"] > 1 for c in results["configs"])
     assert next(c for c in results["configs"] if c["name"] == "from_budget_16")["effective_context"] <= 16
     assert results["decode"]["from_budget_16"]["kv_bytes"] < results["decode"]["full"]["kv_bytes"]
     report = (out / "report.md").read_text()
