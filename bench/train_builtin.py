@@ -2,13 +2,15 @@
 
     python bench/train_builtin.py corpus    --work /work/train_builtin     # texts from Debian packages
     python bench/train_builtin.py tokenizer --work /work/train_builtin     # byte-level BPE, vocab 8192
-    python bench/train_builtin.py train     --work /work/train_builtin --steps 12000 --minutes 600   # resumable
+    python bench/train_builtin.py train     --work /work/train_builtin --steps 6000 --minutes 600    # resumable
     python bench/train_builtin.py stats     --work /work/train_builtin     # the checkpoint log as a table
     python bench/train_builtin.py export    --work /work/train_builtin     # into headkv_engine/zoo/builtin/
 
 The corpus comes from packages installed with apt (`apt-get install python3.11-doc perl-doc bible-kjv`):
 python3.11-doc reST sources, perl-doc pod files and the King James Bible; every 20th document is held out
-(never trained on, tokenizer included). Training windows are BOS + 511 tokens (position 0 is always the BOS),
+(the tokenizer is trained on the rest). perl-doc's pods are listed twice (under /usr/share/perl/5.36.0 and its 5.36
+symlink), so held-out pods have a copy in training: every held-out measurement uses only the held-out documents
+with no copy in training (`clean_heldout`). Training windows are BOS + 511 tokens (position 0 is always the BOS),
 batch 4 x 512, AdamW (lr 3e-3, betas 0.9 / 0.95, weight decay 0.1 on matrices), 300 warm-up steps and a cosine
 decay to 0.1 x lr at --steps, bf16 autocast. Batch `i` is a function of (--seed, i) only, so a run is
 deterministic given the seed, and a resumed run continues exactly as an uninterrupted one would: `train` saves
@@ -18,8 +20,9 @@ model-stepNNNNNN.pt of every save, for `stats` and `export --checkpoint`. Once a
 `train --restart --steps N` continues with a new warm-up and cosine segment up to step N. Every save logs the
 held-out loss and the first-token (sink) mass of each head.
 
-`export` writes fp16 safetensors, config, tokenizer, a held-out text, metrics.json (measured on the exported
-weights) and MODEL_CARD.md generated from those measurements and the checkpoint log.
+`export` writes fp16 safetensors, config, tokenizer, a held-out text (clean held-out documents), metrics.json
+and MODEL_CARD.md generated from measurements: of the exported fp16 weights on that text, and of every kept
+snapshot up to the exported step on the clean held-out documents (the card's checkpoint table).
 """
 
 from __future__ import annotations
@@ -101,6 +104,25 @@ def documents(work, split):
         return [json.loads(line) for line in f]
 
 
+def clean_heldout(work):
+    """Held-out documents with no identical copy in the training split. perl-doc installs its pods under
+    /usr/share/perl/5.36.0 and a 5.36 symlink to it; the corpus lists both, so each held-out pod also sits in the
+    training split (and each pod counts twice in training). Held-out measurements use only these documents."""
+    seen = {d["text"] for d in documents(work, "train")}
+    return [d for d in documents(work, "heldout") if d["text"] not in seen]
+
+
+def heldout_tokens(work):
+    """The clean held-out documents as one token stream, EOS (id 1) after each, as train.pt is built."""
+    from tokenizers import Tokenizer  # noqa: PLC0415
+
+    tok = Tokenizer.from_file(os.path.join(work, "tokenizer.json"))
+    ids = []
+    for doc in clean_heldout(work):
+        ids.extend(tok.encode(doc["text"]).ids + [1])
+    return torch.tensor(ids)
+
+
 def cmd_tokenizer(args):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
 
@@ -165,6 +187,18 @@ def attention_stats(model, ids):
     return stats
 
 
+def measurement_windows(held):
+    """Held-out loss on 24 windows of SEQ, head statistics on 4 windows of SINK_LENGTH, spread over `held`."""
+    return windows(held, 24, SEQ, spread=True), windows(held, 4, SINK_LENGTH, spread=True)
+
+
+def measure(model, held_ids, sink_ids):
+    loss = mean_loss(model, held_ids)
+    stats = attention_stats(model, sink_ids)
+    return {"heldout_loss": loss, "heldout_ppl": math.exp(loss), "sinks": sink_summary(stats["first"]),
+            "sink_mass": [[round(v, 4) for v in row] for row in stats["first"].tolist()], "heads": head_counts(stats)}
+
+
 def head_counts(stats):
     return {"local": int((stats["local"] > 0.5).sum()), "broad": int((stats["entropy"] > BROAD_ENTROPY).sum())}
 
@@ -202,8 +236,7 @@ def cmd_train(args):
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     train_tokens = torch.load(os.path.join(args.work, "train.pt"))
-    held_ids = windows(torch.load(os.path.join(args.work, "heldout.pt")), 24, SEQ, spread=True)
-    sink_ids = windows(torch.load(os.path.join(args.work, "heldout.pt")), 4, SINK_LENGTH, spread=True)
+    held_ids, sink_ids = measurement_windows(heldout_tokens(args.work))
     model = GPTNeoXForCausalLM(config())
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
@@ -248,17 +281,13 @@ def cmd_train(args):
                   flush=True)
         if time.time() - last_save > 60 * args.save_minutes or step >= stop or time.time() >= deadline:
             model.eval()
-            held = mean_loss(model, held_ids)
-            stats = attention_stats(model, sink_ids)
-            mass = stats["first"]
+            entry = measure(model, held_ids, sink_ids)
             model.train()
             now = time.time()
-            log.append({"step": step, "tokens": step * BATCH * SEQ, "train_loss": loss.item(), "heldout_loss": held,
-                        "heldout_ppl": math.exp(held), "sinks": sink_summary(mass),
-                        "sink_mass": [[round(v, 4) for v in row] for row in mass.tolist()], "heads": head_counts(stats),
+            log.append({"step": step, "tokens": step * BATCH * SEQ, "train_loss": loss.item(), **entry,
                         "tokens_per_s": tokens_done / (now - began), "time": now})
-            print(f"checkpoint step {step}: held-out loss {held:.3f} (ppl {math.exp(held):.1f}), "
-                  f"sinks {sink_summary(mass)}", flush=True)
+            print(f"checkpoint step {step}: held-out loss {entry['heldout_loss']:.3f} "
+                  f"(ppl {entry['heldout_ppl']:.1f}), sinks {entry['sinks']}, heads {entry['heads']}", flush=True)
             snapshot = {"model": model.state_dict(), "step": step, "log": log, "schedule": schedule,
                         "seed": args.seed, "elapsed_s": elapsed + now - began}
             save_atomic(ckpt, {**snapshot, "opt": opt.state_dict()})
@@ -310,46 +339,69 @@ def heldout_sample(docs, chars, chunk=8000):
     return "\n\n".join(parts)[:chars]
 
 
+def snapshots(checkpoint, last_step):
+    """The weights-only snapshots kept beside `checkpoint`, up to `last_step`: [(step, path)]."""
+    found = []
+    for path in glob.glob(os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model-step*.pt")):
+        step = int(re.search(r"model-step(\d+)\.pt$", path).group(1))
+        if step <= last_step:
+            found.append((step, path))
+    return sorted(found)
+
+
 def cmd_export(args):
     from safetensors.torch import save_file  # noqa: PLC0415
     from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
-    state = torch.load(args.checkpoint or os.path.join(args.work, "checkpoint.pt"), weights_only=False,
-                       map_location="cpu")
+    checkpoint = args.checkpoint or os.path.join(args.work, "checkpoint.pt")
+    state = torch.load(checkpoint, weights_only=False, map_location="cpu")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    model = GPTNeoXForCausalLM(config())
+    model = GPTNeoXForCausalLM(config()).eval()
+    train_docs, held_docs, clean = documents(args.work, "train"), documents(args.work, "heldout"), \
+        clean_heldout(args.work)
+    held_ids, sink_ids = measurement_windows(heldout_tokens(args.work))
+
+    # every kept snapshot up to this one, measured again on the clean held-out documents
+    history = []
+    for step, path in snapshots(checkpoint, state["step"] - 1) + [(state["step"], None)]:
+        snap = state if path is None else torch.load(path, weights_only=False, map_location="cpu")
+        model.load_state_dict(snap["model"])
+        history.append({"step": step, "tokens": step * BATCH * SEQ, "train_loss": snap["log"][-1]["train_loss"],
+                        **measure(model, held_ids, sink_ids)})
+        print(f"step {step}: held-out loss {history[-1]['heldout_loss']:.3f}, sinks {history[-1]['sinks']}",
+              flush=True)
+
     model.load_state_dict(state["model"])
     model.config.to_json_file(os.path.join(out, "config.json"))
     weights = {k: v.half().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     os.chmod(os.path.join(out, "model.safetensors"), 0o644)
     shutil.copy(os.path.join(args.work, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
-    held_docs = documents(args.work, "heldout")
-    text = heldout_sample(held_docs, args.heldout_chars)
+    text = heldout_sample(clean, args.heldout_chars)
     with open(os.path.join(out, "heldout.txt"), "w", encoding="utf-8") as f:
         f.write(text)
 
     # measured on the shipped (fp16-rounded) weights, computed in fp32 as load_builtin_model() loads them
     model.load_state_dict({k: v.float() for k, v in weights.items()})
-    model.eval()
     tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(out, "tokenizer.json"))
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
     ship_loss = mean_loss(model, windows(ids, SHIP_PPL_WINDOWS, SEQ, spread=False))
     stats = attention_stats(model, windows(ids, SHIP_SINK_WINDOWS, SINK_LENGTH, spread=False))
     mass = stats["first"]
-    last = state["log"][-1]
-    corpus = {split: {name: {"documents": sum(d["source"] == name for d in docs),
-                             "characters": sum(len(d["text"]) for d in docs if d["source"] == name)}
-                      for name in SOURCES}
-              for split, docs in (("train", documents(args.work, "train")), ("heldout", held_docs))}
+
+    def census(docs):
+        return {name: {"documents": sum(d["source"] == name for d in docs),
+                       "characters": sum(len(d["text"]) for d in docs if d["source"] == name)} for name in SOURCES}
+
     metrics = {
-        "step": state["step"], "tokens": last["tokens"], "train_loss": last["train_loss"],
-        "heldout_loss": last["heldout_loss"], "heldout_ppl": last["heldout_ppl"],
+        "step": state["step"], **history[-1],
         "train_tokens": torch.load(os.path.join(args.work, "train.pt")).numel(),
-        "heldout_tokens": torch.load(os.path.join(args.work, "heldout.pt")).numel(),
-        "corpus": corpus, "parameters": sum(p.numel() for p in model.parameters()),
+        "heldout_tokens": heldout_tokens(args.work).numel(),
+        "corpus": {"train": census(train_docs), "heldout": census(held_docs), "heldout_clean": census(clean),
+                   "train_duplicates": len(train_docs) - len({d["text"] for d in train_docs})},
+        "parameters": sum(p.numel() for p in model.parameters()),
         "training_hours": state.get("elapsed_s", estimated_seconds(state["log"])) / 3600,
         "schedule": state.get("schedule", {"start": 0, "end": args.steps}), "seed": state.get("seed", 0),
         "heldout_txt": {"windows": SHIP_PPL_WINDOWS, "window_tokens": SEQ, "loss": ship_loss,
@@ -359,6 +411,7 @@ def cmd_export(args):
                         "local_mass": [[round(v, 4) for v in row] for row in stats["local"].tolist()],
                         "entropy": [[round(v, 3) for v in row] for row in stats["entropy"].tolist()],
                         "heads": head_counts(stats)},
+        "history": history,
         "log": state["log"],
     }
     with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
@@ -387,6 +440,9 @@ def model_card(m, cfg):
     corpus = "; ".join(f"{SOURCES[name][1]}: {c['documents']} documents, {c['characters'] / 1e6:.1f} M characters"
                        for name, c in m["corpus"]["train"].items())
     held = sum(c["documents"] for c in m["corpus"]["heldout"].values())
+    clean = " and ".join(f"{c['documents']} {SOURCES[name][0]}" for name, c in m["corpus"]["heldout_clean"].items()
+                         if c["documents"])
+    left_out = held - sum(c["documents"] for c in m["corpus"]["heldout_clean"].values())
     sinks = ("no attention sinks: no head puts more than 0.3 of its attention on the first token"
              if h["heads_above_0.3"] == 0 else
              f"{h['heads_above_0.3']} of {n_heads} heads putting more than 0.3 of their attention on the first token")
@@ -404,10 +460,11 @@ Every number below is measured by `bench/train_builtin.py export` from the check
 | parameters | {m['parameters'] / 1e6:.2f} M, stored in fp16 |
 | tokenizer | byte-level BPE, vocabulary {VOCAB}; `{BOS}` (id 0) at position 0 of every window, `{EOS}` (id 1) between documents |
 | corpus | Debian packages: {corpus}; every 20th document held out ({held} documents) |
-| corpus tokens | {m['train_tokens'] / 1e6:.2f} M train, {m['heldout_tokens'] / 1e6:.2f} M held out |
+| duplicates | perl-doc installs its pods under /usr/share/perl/5.36.0 and a 5.36 symlink to it, and the corpus lists both: {m['corpus']['train_duplicates']} training documents appear twice, and {left_out} held-out documents have a copy in training. Every held-out number here uses only the other {held - left_out} ({clean} documents), heldout.txt included |
+| corpus tokens | {m['train_tokens'] / 1e6:.2f} M train, {m['heldout_tokens'] / 1e6:.2f} M clean held out |
 | training | {m['step']} steps of {BATCH} x {SEQ} tokens = {m['tokens'] / 1e6:.1f} M tokens ({m['tokens'] / m['train_tokens']:.2f} epochs), {m['training_hours']:.1f} h on CPU; AdamW lr 3e-3, betas 0.9 / 0.95, weight decay {WEIGHT_DECAY}, {WARMUP} warm-up steps and cosine decay to 0.1 x lr at step {m['schedule']['end']}{restart}, bf16 autocast, seed {m['seed']} |
 | train loss (last batch) | {m['train_loss']:.3f} |
-| held-out loss / PPL | {m['heldout_loss']:.3f} / {m['heldout_ppl']:.1f} (24 windows of {SEQ} spread over the held-out split, BOS first) |
+| held-out loss / PPL | {m['heldout_loss']:.3f} / {m['heldout_ppl']:.1f} (24 windows of {SEQ} spread over the clean held-out documents, BOS first) |
 | heldout.txt loss / PPL | {h['loss']:.4f} / {h['ppl']:.2f} (first {h['windows']} consecutive windows of {h['window_tokens']} tokens, BOS + {h['window_tokens'] - 1}, fp16 weights computed in fp32) |
 | first-token (sink) mass | max over heads {h['max']:.3f}, mean {h['mean']:.3f}, heads above 0.3: {h['heads_above_0.3']} of {n_heads} |
 | local heads | {h['heads']['local']} of {n_heads} put more than 0.5 of their attention on the last {LOCAL_KEYS} keys |
@@ -435,9 +492,9 @@ Compression results on it measure windows and budgets on its local and broad hea
 
 ## Checkpoints
 
-Held-out loss on 24 windows of {SEQ} tokens spread over the held-out split; head statistics on 4 windows of {SINK_LENGTH} tokens of it.
+Each kept checkpoint up to this one, measured as above: held-out loss on 24 windows of {SEQ} tokens spread over the clean held-out documents, head statistics on 4 windows of {SINK_LENGTH} tokens of them.
 
-{history_table(m['log'])}
+{history_table(m['history'])}
 """
 
 
