@@ -2,8 +2,8 @@
 
 A pythia-160m-shaped GPTNeoX (12 layers x 12 heads, hidden 768) with random weights, one sequence of T tokens.
 Each method runs in a fresh subprocess, so its peak memory is its own: peak RSS of its first full run minus the
-RSS once the model is loaded; its time is that of a second, warm run. Both report their statistics, which are
-compared here.
+RSS once the model is loaded; its time is the best of `--repeats` warm runs after that. Both report their
+statistics, which are compared here.
 
     python bench/bench_analysis.py --tokens 512 1024 2048
 """
@@ -14,6 +14,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -78,37 +79,54 @@ def ours(model, ids):
              "recent": s.position_preference["recent"], "max": s.max_attention_mean} for s in result.statistics]
 
 
-def run_one(method: str, tokens: int) -> dict:
+def run_one(method: str, tokens: int, repeats: int) -> dict:
     model, ids = model_and_ids(tokens)
     fn = seed_method if method == "seed" else ours
     fn(model, ids[:, :64])  # load kernels
     base = rss_mb()
-    fn(model, ids)  # the first full run pays page faults and allocator growth; time the second
+    fn(model, ids)  # the first full run pays page faults and allocator growth; time the next ones
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    start = time.perf_counter()
-    stats = fn(model, ids)
-    seconds = time.perf_counter() - start
-    return {"method": method, "tokens": tokens, "seconds": seconds, "peak_mb": peak - base, "stats": stats}
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        stats = fn(model, ids)
+        seconds.append(time.perf_counter() - start)
+    return {"method": method, "tokens": tokens, "seconds": min(seconds), "peak_mb": peak - base, "stats": stats}
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    commit += " + uncommitted changes" if dirty.stdout.strip() else ""
+    return (f"{datetime.date.today()}; {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; "
+            f"{torch.get_num_threads()} threads; commit {commit}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--repeats", type=int, default=2, help="warm runs per method; the best is reported")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]))))
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.repeats)))
         return
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"{datetime.date.today()}; torch {torch.__version__}; {torch.get_num_threads()} threads; commit {commit}\n")
+    print(machine() + "\n")
     print("| T | output_attentions s | hk.analyze s | speedup | output_attentions peak MB | hk.analyze peak MB | "
           "memory ratio | max stat difference |")
     print("|---|---|---|---|---|---|---|---|")
     for tokens in args.tokens:
         runs = {}
         for method in ("seed", "ours"):
-            out = subprocess.run([sys.executable, __file__, "--one", method, str(tokens)], capture_output=True,
-                                 text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "--one", method, str(tokens), "--repeats",
+                                  str(args.repeats)], capture_output=True, text=True, check=True)
             runs[method] = json.loads(out.stdout.strip().splitlines()[-1])
         diff = max(abs(a[k] - b[k]) for a, b in zip(runs["seed"]["stats"], runs["ours"]["stats"])
                    for k in ("entropy", "sink", "local", "recent", "max"))

@@ -29,9 +29,7 @@ def analyze(args) -> int:
 
 
 def validate(args) -> int:
-    from headkv_engine.analysis import load_statistics, write_validation  # noqa: PLC0415
-    from headkv_engine.analysis.classify import load_classifications  # noqa: PLC0415
-    from headkv_engine.analysis.plots import validation_figures  # noqa: PLC0415
+    from headkv_engine.analysis import load_classifications, load_statistics, write_validation  # noqa: PLC0415
 
     stats_path = os.path.join(args.results_dir, "head_statistics.json")
     if not os.path.isfile(stats_path):
@@ -39,13 +37,13 @@ def validate(args) -> int:
     output_dir = args.output_dir or os.path.join(args.results_dir, "validation")
     loading.prepare_output_dir(output_dir, args.force)
     statistics, info = load_statistics(stats_path)
-    if args.reclassify:
-        files = write_validation(statistics, info, output_dir)
-    else:
+    classifications = None  # --reclassify: classify the statistics again
+    if not args.reclassify:
         cls_path = os.path.join(args.results_dir, "head_classifications.json")
         if not os.path.isfile(cls_path):
             raise ValueError(f"--results-dir: {cls_path} not found; pass --reclassify to classify from the statistics")
-        files = validation_figures(statistics, load_classifications(cls_path), output_dir)
+        classifications = load_classifications(cls_path)
+    files = write_validation(statistics, info, output_dir, classifications)
     print(f"wrote {', '.join(files)} to {output_dir}")
     return 0
 

@@ -26,6 +26,11 @@ def load_model(model_id: str = BUILTIN, dtype=torch.float32):
     if config.model_type != "gpt_neox":
         raise ValueError(f"--model: {model_id!r} is a {config.model_type!r} model; headkv-engine supports GPTNeoX "
                          "(Pythia) models (model_type 'gpt_neox')")
+    # transformers builds an empty tokenizer for a directory without tokenizer files: look for them first
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if os.path.isdir(model_id) and not any(os.path.isfile(os.path.join(model_id, f)) for f in files):
+        raise ValueError(f"--model: {model_id!r} has no tokenizer (none of {', '.join(files)}); save one beside "
+                         "the model (tokenizer.save_pretrained)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except (OSError, ValueError) as exc:

@@ -67,6 +67,17 @@ def test_confidence_follows_the_margins():
     assert all(0 <= c.confidence <= 1 for c in hk.classify([stat(entropy=e / 10) for e in range(50)]))
 
 
+def test_confidence_counts_only_thresholds_that_change_the_type():
+    # low-entropy mixed: entropy rising past 1.5 keeps it mixed, so 1.49 is not a near miss
+    assert kind(entropy=1.49, sink=0.0, local=0.0).confidence == 1.0
+    # middle-entropy mixed with local > 0.6: falling below 1.5 would make it true_positional
+    near = kind(entropy=1.51, sink=0.0, local=0.9)
+    assert near.head_type == "mixed" and near.confidence == pytest.approx(0.01, abs=1e-6)
+    assert kind(entropy=1.51, sink=0.0, local=0.3).confidence == 1.0
+    # legacy mixed keeps both entropy margins
+    assert hk.classify([stat(entropy=1.51)], scheme="legacy")[0].confidence == pytest.approx(0.01, abs=1e-6)
+
+
 def test_thresholds_are_configurable():
     assert kind(entropy=1.7, sink=0.5).head_type == "sink_mixed"
     c = hk.classify([stat(entropy=1.7, sink=0.5)], thresholds=Thresholds(low_entropy=2.0))[0]

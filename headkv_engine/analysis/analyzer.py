@@ -20,8 +20,7 @@ from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
 from headkv_engine import __version__
 from headkv_engine.analysis.statistics import HeadStatistics, from_sums, save_statistics
-from headkv_engine.backends import resolve_backend
-from headkv_engine.ops.statistics import add_sums, empty_sums, head_statistics
+from headkv_engine.ops.statistics import add_sums, empty_sums, head_statistics, statistics_backend
 
 
 @dataclass
@@ -50,7 +49,8 @@ def _capturing_forward(self, hidden_states, attention_mask=None, layer_past=None
     keys, values = layer_past.update(key, value, self.layer_idx)
     start = keys.shape[2] - tokens
     self._headkv_capture(self.layer_idx, query[0], keys[0], start, self.scaling)
-    visible = torch.arange(keys.shape[2], device=keys.device)[None, :] <= start + torch.arange(tokens, device=keys.device)[:, None]
+    positions = torch.arange(keys.shape[2], device=keys.device)
+    visible = positions[None, :] <= positions[start:, None]  # causal: query start + i sees keys 0..start + i
     out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=self.scaling)
     out = out.transpose(1, 2).reshape(batch, tokens, -1)
     return self.dense(out), None
@@ -58,7 +58,8 @@ def _capturing_forward(self, hidden_states, attention_mask=None, layer_past=None
 
 @contextlib.contextmanager
 def capture_queries_and_keys(model, callback):
-    """Within the block, every attention module of `model` calls callback(layer, q [H,Tq,D], k [H,Tk,D], start, scale)."""
+    """Within the block, every attention module of `model` calls callback(layer, q [H, Tq, D], k [H, Tk, D],
+    start, scale) with its post-rotary queries and all keys so far."""
     if getattr(model, "_headkv_patch", None) is not None:
         raise RuntimeError("analyze needs an unpatched model; call headkv_engine.unpatch_model(model) first")
     base = getattr(model, "gpt_neox", model)
@@ -87,16 +88,28 @@ def _sequences(input_ids) -> list[torch.Tensor]:
 def analyze(model, input_ids, *, sink_size: int = 4, local_window: int = 8, recent_ratio: float = 0.1,
             chunk_size: int = 512, backend: str = "auto", progress: bool = True, model_name: str | None = None
             ) -> AnalysisResult:
-    """Statistics of every head of `model` (GPTNeoXForCausalLM / GPTNeoXModel) over the given sequences."""
+    """Statistics of every head of `model` (GPTNeoXForCausalLM / GPTNeoXModel) over the given sequences (SPEC 5).
+
+    input_ids: one sequence [T], equal-length sequences [batch, T] (no padding), or a list of 1-D sequences of
+    any lengths. Each sequence runs through the model body in pieces of `chunk_size` tokens with a cache; the
+    statistics are means over every query at position >= sink_size + local_window of every sequence. `backend`
+    picks the statistics kernel (auto: the C++ kernel on CPU, the PyTorch reference elsewhere); the model itself
+    runs unpatched.
+    """
     config = model.config
     if getattr(config, "model_type", None) != "gpt_neox":
-        raise TypeError(f"analyze supports GPTNeoX models (model_type 'gpt_neox'), got {getattr(config, 'model_type', None)!r}")
+        raise TypeError("analyze supports GPTNeoX models (model_type 'gpt_neox'), got "
+                        f"{getattr(config, 'model_type', None)!r}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     if sink_size < 0 or local_window < 1:
         raise ValueError(f"sink_size must be >= 0 and local_window >= 1, got {sink_size} and {local_window}")
     sequences = _sequences(input_ids)
+    if max(row.numel() for row in sequences) <= sink_size + local_window:
+        raise ValueError(f"input_ids: no query to analyse; the statistics start at position sink_size + "
+                         f"local_window = {sink_size + local_window}, so give a sequence longer than that")
     device = next(model.parameters()).device
+    backend = statistics_backend(backend, device)  # fails here, before the run, if it is unavailable
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     sums = [empty_sums(heads, 1) for _ in range(layers)]
 
@@ -120,6 +133,7 @@ def analyze(model, input_ids, *, sink_size: int = 4, local_window: int = 8, rece
         "recent_ratio": recent_ratio, "model": model_name or getattr(config, "_name_or_path", "") or "gpt_neox",
         "tokens": int(sum(row.numel() for row in sequences)), "sequences": len(sequences),
         "queries_per_head": int(sums[0]["count"][0]), "chunk_size": chunk_size,
-        "backend": resolve_backend(backend, device), "headkv_engine_version": __version__,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "backend": backend, "headkv_engine_version": __version__,
     }
     return AnalysisResult(statistics, model_info, seconds=time.perf_counter() - began)

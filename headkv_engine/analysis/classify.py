@@ -13,14 +13,17 @@ Rules, first match wins (thresholds configurable through `Thresholds`):
 
 `scheme="legacy"`: dead, positional (entropy < 1.5, sink_window(4, 8)), gathering (entropy >= 3.0), mixed.
 
-Confidence: how far the head is from the thresholds that decided its type. Each deciding condition
-contributes the margin |x - threshold| / width (widths: 1 nat for entropy, 0.3 for the sink and local
-shares, 0.1 for uniformity), and confidence = min(1, smallest margin). A head right at a threshold has
-confidence 0; one a full width away from every deciding threshold has 1.
+Confidence: how far the head is from the thresholds that decided its type. Each threshold whose crossing
+would change the type contributes the margin |x - threshold| / width (widths: 1 nat for entropy, 0.3 for
+the sink and local shares, 0.1 for uniformity), and confidence = min(1, smallest margin). A head right at
+such a threshold has confidence 0; one a full width away from all of them has 1. (A low-entropy `mixed`
+head, for example, stays `mixed` when its entropy rises past 1.5, so only its sink, local and uniformity
+margins count.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
@@ -106,9 +109,10 @@ def _decide(stat, t: Thresholds, scheme: str):
         return HeadType.SINK_MIXED, [m_dead, m_low, m_high, m_sink], "sink_window", t.sink_size, t.mixed_window
     if e >= t.high_entropy:
         return HeadType.GATHERING, [m_dead, m_high], "none", 0, -1
-    if e < t.low_entropy:  # low entropy, but neither sink- nor local-dominated
-        return HeadType.MIXED, [m_dead, m_low, m_sink, m_local], "none", 0, -1
-    return HeadType.MIXED, [m_dead, m_low, m_high, m_sink], "none", 0, -1
+    if e < t.low_entropy:  # low entropy, neither sink- nor local-dominated: entropy up to 3.0 keeps it mixed
+        return HeadType.MIXED, [m_dead, m_sink, m_local], "none", 0, -1
+    # middle entropy, no sink: falling below low_entropy makes it true_positional only if local > threshold
+    return HeadType.MIXED, [m_dead, m_high, m_sink] + ([m_low] if local > t.local else []), "none", 0, -1
 
 
 def classify(statistics, scheme: str = "refined", thresholds: Thresholds | None = None) -> list[HeadClassification]:
@@ -155,7 +159,17 @@ def save_classifications(classifications, path, scheme: str = "refined", thresho
 
 
 def load_classifications(path) -> list[HeadClassification]:
+    """The classifications of a head_classifications.json (seed 000 schema)."""
     with open(os.fspath(path), encoding="utf-8") as f:
         data = json.load(f)
-    names = HeadClassification.__dataclass_fields__
-    return [HeadClassification(**{k: v for k, v in c.items() if k in names}) for c in data["classifications"]]
+    if not isinstance(data, dict) or not isinstance(data.get("classifications"), list):
+        raise ValueError(f"{os.fspath(path)}: expected a head_classifications.json with a 'classifications' list")
+    fields = HeadClassification.__dataclass_fields__
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
+    out = []
+    for i, entry in enumerate(data["classifications"]):
+        missing = [n for n in required if n not in entry]
+        if missing:
+            raise ValueError(f"{os.fspath(path)}: classifications[{i}] lacks {missing}")
+        out.append(HeadClassification(**{k: v for k, v in entry.items() if k in fields}))
+    return out

@@ -32,8 +32,10 @@ def summary_text(statistics, classifications, model_info) -> str:
         "",
         "COMPRESSION POTENTIAL",
         "-" * 40,
-        f"  Compressible (not full cache): {summary['compressible_heads']} ({100 * summary['compressible_heads'] / total:.1f}%)",
-        f"  Require sink tokens: {summary['heads_needing_sinks']} ({100 * summary['heads_needing_sinks'] / total:.1f}%)",
+        f"  Compressible (not full cache): {summary['compressible_heads']} "
+        f"({100 * summary['compressible_heads'] / total:.1f}%)",
+        f"  Require sink tokens: {summary['heads_needing_sinks']} "
+        f"({100 * summary['heads_needing_sinks'] / total:.1f}%)",
         f"  Prunable: {summary['prunable_heads']}",
         "",
         "MEAN STATISTICS",
@@ -52,32 +54,67 @@ def summary_text(statistics, classifications, model_info) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_analysis(result: AnalysisResult, output_dir, scheme="refined", thresholds=None) -> list[str]:
-    """head_statistics.json, head_classifications.json, the five figures and analysis_summary.txt."""
+def write_analysis(result: AnalysisResult, output_dir, scheme="refined", thresholds=None, classifications=None
+                   ) -> list[str]:
+    """head_statistics.json, head_classifications.json (of `classifications`, or classified here), the five
+    figures and analysis_summary.txt."""
     os.makedirs(output_dir, exist_ok=True)
     result.save(output_dir)
-    classifications = classify(result.statistics, scheme=scheme, thresholds=thresholds)
+    if classifications is None:
+        classifications = classify(result.statistics, scheme=scheme, thresholds=thresholds)
     save_classifications(classifications, os.path.join(output_dir, "head_classifications.json"), scheme, thresholds)
     figures = analysis_figures(result.statistics, output_dir)
     write_text_atomic(os.path.join(output_dir, "analysis_summary.txt"),
-                summary_text(result.statistics, classifications, result.model_info))
+                      summary_text(result.statistics, classifications, result.model_info))
     return ["head_statistics.json", "head_classifications.json", *figures, "analysis_summary.txt"]
 
 
-def write_validation(statistics, model_info, output_dir, thresholds=None) -> list[str]:
-    """Re-classify (refined scheme) and write the validation figures, report and refined_classifications.json."""
+def type_table(statistics, classifications) -> str:
+    """Per head type: count and mean entropy / sink / local / max attention of its heads."""
+    stats = {(s.layer_idx, s.head_idx): s for s in statistics}
+    lines = [f"  {'type':<16} {'heads':>5} {'entropy':>8} {'sink':>6} {'local':>6} {'max attn':>8} {'confidence':>10}"]
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    for kind in sorted({c.head_type for c in classifications}):
+        members = [c for c in classifications if c.head_type == kind]
+        rows = [stats[(c.layer_idx, c.head_idx)] for c in members]
+        lines.append(f"  {kind:<16} {len(rows):>5} {mean([r.mean_entropy for r in rows]):>8.3f} "
+                     f"{mean([r.position_preference['sink'] for r in rows]):>6.3f} "
+                     f"{mean([r.position_preference['local'] for r in rows]):>6.3f} "
+                     f"{mean([r.max_attention_mean for r in rows]):>8.3f} "
+                     f"{mean([c.confidence for c in members]):>10.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def write_validation(statistics, model_info, output_dir, classifications=None, thresholds=None) -> list[str]:
+    """The validation figures and validation_report.txt of `classifications`; None classifies the statistics
+    again (refined scheme, `thresholds`) and also writes refined_classifications.json."""
     os.makedirs(output_dir, exist_ok=True)
-    classifications = classify(statistics, scheme="refined", thresholds=thresholds)
-    save_classifications(classifications, os.path.join(output_dir, "refined_classifications.json"), "refined", thresholds)
-    figures = validation_figures(statistics, classifications, output_dir)
-    legacy = summarize(classify(statistics, scheme="legacy", thresholds=thresholds))
+    files = []
+    if classifications is None:
+        classifications = classify(statistics, scheme="refined", thresholds=thresholds)
+        save_classifications(classifications, os.path.join(output_dir, "refined_classifications.json"), "refined",
+                             thresholds)
+        files.append("refined_classifications.json")
+    scheme = "legacy" if any(c.head_type == "positional" for c in classifications) else "refined"
+    rules = classify(statistics, scheme=scheme, thresholds=thresholds)
+    files += validation_figures(statistics, classifications, output_dir, thresholds)
     text = summary_text(statistics, classifications, model_info)
+    text += "\nHEAD TYPES\n" + "-" * 40 + "\n" + type_table(statistics, classifications)
+    by_head = {(r.layer_idx, r.head_idx): r for r in rules}
+    pairs = [(c, by_head[(c.layer_idx, c.head_idx)]) for c in classifications]
+    changed = [(c, r) for c, r in pairs if c.head_type != r.head_type]
+    agree = len(classifications) - len(changed)
+    text += f"\nAGREEMENT WITH THE {scheme.upper()} RULES: {agree} of {len(classifications)} heads\n"
+    text += "".join(f"  L{c.layer_idx:02d} H{c.head_idx:02d}: {c.head_type} -> {r.head_type}\n" for c, r in changed)
+    legacy = summarize(classify(statistics, scheme="legacy", thresholds=thresholds))
     text += "\nLEGACY SCHEME (for the seed 004 ablation groups)\n" + "-" * 40 + "\n"
     text += "".join(f"  {k:<18}: {v:5d}\n" for k, v in legacy["type_distribution"].items())
     low_confidence = [c for c in classifications if c.confidence < 0.3]
     text += f"\nLOW-CONFIDENCE HEADS (< 0.3): {len(low_confidence)} of {len(classifications)}\n"
+    text += "".join(f"  L{c.layer_idx:02d} H{c.head_idx:02d}  {c.head_type:<16} confidence {c.confidence:.2f}\n"
+                    for c in low_confidence)
     write_text_atomic(os.path.join(output_dir, "validation_report.txt"), text)
-    return ["refined_classifications.json", *figures, "validation_report.txt"]
+    return [*files, "validation_report.txt"]
 
 
 class AttentionAnalyzer:
@@ -92,20 +129,18 @@ class AttentionAnalyzer:
         self.last_result: AnalysisResult | None = None
 
     def analyze(self, text: str, max_tokens: int = 2048, chunk_size: int = 512):
+        """(statistics, refined classifications) of the first max_tokens tokens of `text`."""
         ids = torch.as_tensor(self.tokenizer(text)["input_ids"][:max_tokens])
         self.last_result = analyze(
             self.model, ids, sink_size=self.sink_size, local_window=self.local_window, recent_ratio=self.recent_ratio,
             chunk_size=chunk_size, backend=self.backend, model_name=getattr(self.model.config, "_name_or_path", None),
         )
-        return self.last_result.statistics
+        return self.last_result.statistics, classify(self.last_result.statistics)
 
     def classify_heads(self, statistics, scheme="refined"):
         return classify(statistics, scheme=scheme)
 
     def save_results(self, stats, classifications, output_dir) -> None:
+        """head_statistics.json, head_classifications.json, the figures and analysis_summary.txt."""
         info = self.last_result.model_info if self.last_result else {}
-        result = AnalysisResult(stats, info)
-        result.save(output_dir)
-        save_classifications(classifications, os.path.join(output_dir, "head_classifications.json"))
-        analysis_figures(stats, output_dir)
-        write_text_atomic(os.path.join(output_dir, "analysis_summary.txt"), summary_text(stats, classifications, info))
+        write_analysis(AnalysisResult(stats, info), output_dir, classifications=classifications)

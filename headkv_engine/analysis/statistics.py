@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -16,8 +16,11 @@ from headkv_engine.profile import write_json_atomic
 class HeadStatistics:
     """Means over every analysed query (position q >= sink_size + local_window) of one head.
 
-    The seed's fields (seed 000) plus two histograms for budget allocation: `distance_mass_log2` (bin 0:
-    distance 0, bin i >= 1: distances in [2^(i-1), 2^i)) and `sink_mass_by_size` (mass on the first s keys).
+    The seed's fields (seed 000) plus two optional histograms for budget allocation (None when a file written
+    without them is read): `distance_mass_log2`, the mean mass by distance d = q - j on a log scale (bin 0:
+    d = 0, bin i >= 1: 2^(i-1) <= d < 2^i, as many bins as the longest analysed sequence needs; sums to 1), and
+    `sink_mass_by_size`, {s: mean mass on the keys j < s} for s in 1, 2, 4, 8, 16. `num_queries` counts the
+    queries the means are over.
     """
 
     layer_idx: int
@@ -29,19 +32,21 @@ class HeadStatistics:
     sink_ratio: float
     uniformity_score: float
     relative_position_dist: list
-    distance_mass_log2: list = field(default_factory=list)
-    sink_mass_by_size: dict = field(default_factory=dict)
+    distance_mass_log2: list | None = None
+    sink_mass_by_size: dict | None = None
     num_queries: int = 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON entry; the optional histograms are left out when absent."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_dict(cls, data: dict) -> HeadStatistics:
         names = cls.__dataclass_fields__
         missing = [n for n in ("layer_idx", "head_idx", "mean_entropy", "position_preference") if n not in data]
         if missing:
-            raise ValueError(f"head statistics entry lacks {missing} (layer {data.get('layer_idx')}, head {data.get('head_idx')})")
+            raise ValueError(f"head statistics entry lacks {missing} "
+                             f"(layer {data.get('layer_idx')}, head {data.get('head_idx')})")
         values = {k: v for k, v in data.items() if k in names}
         values.setdefault("std_entropy", 0.0)
         values.setdefault("max_attention_mean", 0.0)
@@ -77,8 +82,27 @@ def from_sums(sums: dict, layer: int) -> list[HeadStatistics]:
     return out
 
 
+# Written into every head_statistics.json, so the file explains its fields (readers may ignore it).
+FIELD_DEFINITIONS = {
+    "means_over": "every analysed query at position q >= sink_size + local_window; p = its attention row",
+    "num_queries": "the number of queries the means are over",
+    "mean_entropy": "mean of -sum p log p (nats)",
+    "std_entropy": "population standard deviation of -sum p log p",
+    "max_attention_mean": "mean of max_j p_j",
+    "position_preference": "mean mass on sink (j < sink_size), local (q - local_window < j <= q), recent "
+                           "(j >= q + 1 - ceil(recent_ratio * (q + 1))), global (the rest); first match wins",
+    "sink_ratio": "equals position_preference.sink",
+    "uniformity_score": "mean of log(q + 1) - entropy, the KL divergence from uniform attention",
+    "relative_position_dist": "64 bins of mean mass by distance d = q - j; bin 63 holds d >= 63",
+    "distance_mass_log2": "optional: mean mass by distance on a log scale; bin 0: d = 0, bin i >= 1: "
+                          "2^(i-1) <= d < 2^i, up to the longest analysed sequence",
+    "sink_mass_by_size": "optional: {s: mean mass on the keys j < s} for s in 1, 2, 4, 8, 16",
+}
+
+
 def save_statistics(statistics, model_info: dict, path) -> None:
-    write_json_atomic(path, {"model_info": model_info, "head_statistics": [s.to_dict() for s in statistics]})
+    write_json_atomic(path, {"model_info": model_info, "head_statistics": [s.to_dict() for s in statistics],
+                             "field_definitions": FIELD_DEFINITIONS})
 
 
 def load_statistics(path) -> tuple[list[HeadStatistics], dict]:

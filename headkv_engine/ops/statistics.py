@@ -120,10 +120,7 @@ def head_statistics(q, k, q_start=0, *, scale, sink_size=4, local_window=8, rece
     if not 0 <= recent_ratio <= 1:
         raise ValueError(f"recent_ratio must be in [0, 1], got {recent_ratio}")
     min_query = sink_size + local_window if min_query is None else min_query
-    kind = resolve_backend(backend, q.device)
-    if kind == "triton" and backend == "auto":
-        _warn_no_triton_statistics()
-        kind = "torch"
+    kind = statistics_backend(backend, q.device)
     if kind == "torch":
         return head_statistics_reference(q, k, q_start, scale=scale, sink_size=sink_size, local_window=local_window,
                                          recent_ratio=recent_ratio, min_query=min_query)
@@ -132,6 +129,16 @@ def head_statistics(q, k, q_start=0, *, scale, sink_size=4, local_window=8, rece
 
         return _cpu.head_statistics(q, k, q_start, scale, sink_size, local_window, recent_ratio, min_query)
     raise RuntimeError(f"head_statistics has no {kind!r} kernel in this build; use backend='torch' or 'cpu'")
+
+
+def statistics_backend(backend: str, device) -> str:
+    """The backend head_statistics runs for `backend` on `device` (auto on CUDA: the torch reference, as there is
+    no Triton statistics kernel yet)."""
+    kind = resolve_backend(backend, torch.device(device))
+    if kind == "triton" and backend == "auto":
+        _warn_no_triton_statistics()
+        kind = "torch"
+    return kind
 
 
 @functools.cache
