@@ -49,9 +49,13 @@ def _capturing_forward(self, hidden_states, attention_mask=None, layer_past=None
     keys, values = layer_past.update(key, value, self.layer_idx)
     start = keys.shape[2] - tokens
     self._headkv_capture(self.layer_idx, query[0], keys[0], start, self.scaling)
-    positions = torch.arange(keys.shape[2], device=keys.device)
-    visible = positions[None, :] <= positions[start:, None]  # causal: query start + i sees keys 0..start + i
-    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=self.scaling)
+    if start == 0:  # the first piece: plain causal attention (the fast path of scaled_dot_product_attention)
+        visible = None
+    else:  # query start + i sees keys 0..start + i
+        positions = torch.arange(keys.shape[2], device=keys.device)
+        visible = positions[None, :] <= positions[start:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=visible,
+                                                           is_causal=start == 0, scale=self.scaling)
     out = out.transpose(1, 2).reshape(batch, tokens, -1)
     return self.dense(out), None
 
