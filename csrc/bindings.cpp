@@ -1,11 +1,12 @@
 // Python bindings of the CPU kernels: pointers (as integers), sizes and dtype codes in; the GIL is released
-// while a kernel runs. headkv_engine/ops/_cpu.py is the only caller.
+// while a kernel runs. headkv_engine/ops/_cpu.py is the only caller (headkv_engine/_C.pyi lists the exports).
+// Kernel argument errors are std::invalid_argument, which pybind11 raises as ValueError.
 #include <pybind11/pybind11.h>
 
+#include "common.h"
 #include "kernels.h"
 
 namespace py = pybind11;
-
 
 namespace {
 
@@ -22,41 +23,53 @@ PYBIND11_MODULE(_C, m) {
       "decode_attention",
       [](uintptr_t q, uintptr_t q_sink, uintptr_t k_pool, uintptr_t v_pool, uintptr_t base, uintptr_t length,
          uintptr_t sink_size, uintptr_t fill, uintptr_t out, int64_t batch, int64_t heads, int64_t head_dim,
-         int q_dtype, int kv_dtype, float scale) {
+         int64_t pool_rows, int q_dtype, int kv_dtype, float scale) {
         py::gil_scoped_release release;
         headkv::decode_attention(ptr<const void>(q), ptr<const void>(q_sink), ptr<const void>(k_pool),
                                  ptr<const void>(v_pool), ptr<const int64_t>(base), ptr<const int64_t>(length),
                                  ptr<const int64_t>(sink_size), ptr<const float>(fill), ptr<void>(out), batch, heads,
-                                 head_dim, q_dtype, kv_dtype, scale);
+                                 head_dim, pool_rows, q_dtype, kv_dtype, scale);
       },
-      "Ragged decode attention (see headkv_engine.ops.decode_attention).");
+      py::arg("q"), py::arg("q_sink"), py::arg("k_pool"), py::arg("v_pool"), py::arg("base"), py::arg("length"),
+      py::arg("sink_size"), py::arg("fill"), py::arg("out"), py::arg("batch"), py::arg("heads"), py::arg("head_dim"),
+      py::arg("pool_rows"), py::arg("q_dtype"), py::arg("kv_dtype"), py::arg("scale"),
+      "Ragged decode attention (see headkv_engine.ops.decode_attention). Pointers are data addresses (0 = absent:\n"
+      "q_sink, sink_size, fill); dtype codes: 0 fp32, 1 bf16, 2 fp16.");
   m.def(
       "prefill_attention",
       [](uintptr_t q, uintptr_t q_sink, uintptr_t k, uintptr_t v, uintptr_t positions, uintptr_t k_pool,
          uintptr_t v_pool, uintptr_t pos_pool, uintptr_t base, uintptr_t length, uintptr_t sink_size,
          uintptr_t window_size, uintptr_t fill, uintptr_t out, int64_t batch, int64_t heads, int64_t tokens,
-         int64_t head_dim, int q_dtype, int kv_dtype, float scale) {
+         int64_t head_dim, int64_t pool_rows, int q_dtype, int kv_dtype, float scale) {
         py::gil_scoped_release release;
         headkv::prefill_attention(ptr<const void>(q), ptr<const void>(q_sink), ptr<const void>(k), ptr<const void>(v),
                                   ptr<const int64_t>(positions), ptr<const void>(k_pool), ptr<const void>(v_pool),
                                   ptr<const int64_t>(pos_pool), ptr<const int64_t>(base), ptr<const int64_t>(length),
                                   ptr<const int64_t>(sink_size), ptr<const int64_t>(window_size),
-                                  ptr<const float>(fill), ptr<void>(out), batch, heads, tokens, head_dim, q_dtype,
-                                  kv_dtype, scale);
+                                  ptr<const float>(fill), ptr<void>(out), batch, heads, tokens, head_dim, pool_rows,
+                                  q_dtype, kv_dtype, scale);
       },
-      "Masked prefill attention (see headkv_engine.ops.prefill_attention).");
+      py::arg("q"), py::arg("q_sink"), py::arg("k"), py::arg("v"), py::arg("positions"), py::arg("k_pool"),
+      py::arg("v_pool"), py::arg("pos_pool"), py::arg("base"), py::arg("length"), py::arg("sink_size"),
+      py::arg("window_size"), py::arg("fill"), py::arg("out"), py::arg("batch"), py::arg("heads"), py::arg("tokens"),
+      py::arg("head_dim"), py::arg("pool_rows"), py::arg("q_dtype"), py::arg("kv_dtype"), py::arg("scale"),
+      "Masked prefill attention (see headkv_engine.ops.prefill_attention). q, k, v and q_sink share q_dtype;\n"
+      "0 = absent for q_sink and fill.");
   m.def(
       "append",
       [](uintptr_t k_pool, uintptr_t v_pool, uintptr_t pos_pool, uintptr_t base, uintptr_t k, uintptr_t v,
          uintptr_t positions, uintptr_t sink_size, uintptr_t window_size, int64_t batch, int64_t heads,
-         int64_t tokens, int64_t head_dim, int kv_dtype, int new_dtype) {
+         int64_t tokens, int64_t head_dim, int64_t pool_rows, int kv_dtype, int new_dtype) {
         py::gil_scoped_release release;
         headkv::append(ptr<void>(k_pool), ptr<void>(v_pool), ptr<int64_t>(pos_pool), ptr<const int64_t>(base),
                        ptr<const void>(k), ptr<const void>(v), ptr<const int64_t>(positions),
                        ptr<const int64_t>(sink_size), ptr<const int64_t>(window_size), batch, heads, tokens, head_dim,
-                       kv_dtype, new_dtype);
+                       pool_rows, kv_dtype, new_dtype);
       },
-      "Write new keys/values into the ragged layout (see headkv_engine.ops.append).");
+      py::arg("k_pool"), py::arg("v_pool"), py::arg("pos_pool"), py::arg("base"), py::arg("k"), py::arg("v"),
+      py::arg("positions"), py::arg("sink_size"), py::arg("window_size"), py::arg("batch"), py::arg("heads"),
+      py::arg("tokens"), py::arg("head_dim"), py::arg("pool_rows"), py::arg("kv_dtype"), py::arg("new_dtype"),
+      "Write new keys/values into the ragged layout, in place (see headkv_engine.ops.append).");
   m.def(
       "head_statistics",
       [](uintptr_t q, uintptr_t k, int64_t heads, int64_t tokens_q, int64_t tokens_k, int64_t head_dim, int dtype,
@@ -68,5 +81,9 @@ PYBIND11_MODULE(_C, m) {
                                 ptr<double>(sums));
       },
       "Per-head attention statistic sums (see headkv_engine.ops.head_statistics).");
+  m.def(
+      "cpu_isa", [] { return headkv::use_avx2() ? "avx2" : "baseline"; },
+      "Which build of the attention kernels runs here: 'avx2' (AVX2/FMA/F16C) or 'baseline'\n"
+      "(HEADKV_CPU_BASELINE=1 forces the baseline).");
   m.def("head_statistics_fields", &headkv::head_statistics_fields, "Doubles per head in head_statistics' output.");
 }

@@ -1,38 +1,95 @@
-// Shared helpers of the CPU kernels: storage dtypes, conversions to and from fp32, argument checks.
-// The kernels take raw pointers from Python (which has already checked shapes, devices and contiguity)
-// and never link libtorch.
+// Shared helpers of the CPU kernels: storage dtypes, conversions to and from fp32, argument checks, the
+// vectorisable inner loops. The kernels take raw pointers from Python (which has already checked shapes,
+// devices and contiguity) and never link libtorch.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <sstream>
 #include <stdexcept>
 #include <string>
+
+#define HEADKV_INLINE inline __attribute__((always_inline))
+
+// Code compiled twice, for the baseline ISA and for AVX2/FMA/F16C (picked at run time where the CPU has it),
+// so one portable build still uses the wide units.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(HEADKV_NO_AVX2_CLONE)
+#define HEADKV_AVX2_CLONE 1
+#define HEADKV_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#include <immintrin.h>
+#endif
+
+// HEADKV_CHECK(cond, "what", value, ...): throws std::invalid_argument (Python's ValueError) with the parts
+// of the message streamed together. Only outside OpenMP regions: an exception must not leave one.
+#define HEADKV_CHECK(cond, ...)                                                  \
+  do {                                                                           \
+    if (!(cond)) throw std::invalid_argument(::headkv::concat(__VA_ARGS__));     \
+  } while (0)
 
 namespace headkv {
 
 enum Dtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// Whether the AVX2/FMA/F16C build of a kernel runs: where the CPU has those, unless the environment variable
+// HEADKV_CPU_BASELINE=1 asks for the baseline build (the tests run both).
+inline bool use_avx2() {
+#ifdef HEADKV_AVX2_CLONE
+  const char* baseline = std::getenv("HEADKV_CPU_BASELINE");
+  if (baseline != nullptr && baseline[0] == '1') return false;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+template <typename... Parts>
+std::string concat(const Parts&... parts) {
+  std::ostringstream s;
+  (s << ... << parts);
+  return s.str();
+}
+
 inline void check_dtype(int dtype, const char* name) {
-  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) {
-    throw std::invalid_argument(std::string(name) + ": dtype code must be 0 (fp32), 1 (bf16) or 2 (fp16), got " +
-                                std::to_string(dtype));
-  }
+  HEADKV_CHECK(dtype == kFloat32 || dtype == kBFloat16 || dtype == kFloat16, name,
+               ": dtype code must be 0 (fp32), 1 (bf16) or 2 (fp16), got ", dtype);
 }
 
 inline void check_positive(int64_t value, const char* name) {
-  if (value <= 0) throw std::invalid_argument(std::string(name) + " must be positive, got " + std::to_string(value));
+  HEADKV_CHECK(value > 0, name, " must be positive, got ", value);
 }
 
-inline float bf16_to_float(uint16_t bits) {
-  uint32_t u = static_cast<uint32_t>(bits) << 16;
+inline void check_non_negative(int64_t value, const char* name) {
+  HEADKV_CHECK(value >= 0, name, " must be >= 0, got ", value);
+}
+
+inline void check_pointer(const void* p, const char* name) {
+  HEADKV_CHECK(p != nullptr, name, " must not be a null pointer");
+}
+
+// Rows base[i] .. base[i] + length[i] of every (sequence, head) must lie inside a pool of `pool_rows` rows.
+inline void check_row_ranges(const int64_t* base, const int64_t* length, int64_t count, int64_t pool_rows) {
+  for (int64_t i = 0; i < count; ++i) {
+    HEADKV_CHECK(length[i] >= 0, "length must be >= 0, got ", length[i], " at flat index ", i);
+    HEADKV_CHECK(length[i] == 0 || (base[i] >= 0 && base[i] + length[i] <= pool_rows), "rows base .. base + length (",
+                 base[i], " .. ", base[i] + length[i], ") at flat (sequence, head) index ", i,
+                 " fall outside the pools' ", pool_rows, " rows");
+  }
+}
+
+// ---- conversions ------------------------------------------------------------------------------------------
+
+HEADKV_INLINE float bf16_to_float(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
 
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+HEADKV_INLINE uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
@@ -40,31 +97,30 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays Na
   return static_cast<uint16_t>(u >> 16);
 }
 
-inline float fp16_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exponent = (h >> 10) & 0x1fu;
-  uint32_t mantissa = h & 0x3ffu;
-  uint32_t u;
-  if (exponent == 0x1fu) {
-    u = sign | 0x7f800000u | (mantissa << 13);  // inf / NaN
-  } else if (exponent != 0) {
-    u = sign | ((exponent + 112u) << 23) | (mantissa << 13);
-  } else if (mantissa == 0) {
-    u = sign;
-  } else {  // subnormal: normalise
-    exponent = 113;
-    while ((mantissa & 0x400u) == 0) {
-      mantissa <<= 1;
-      --exponent;
-    }
-    u = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
-  }
+// IEEE half -> float, exact for every input (inf and NaN included), without branches so that loops over it
+// vectorize with any SIMD ISA: the half's exponent and mantissa are moved into a float and rescaled by
+// 2^-112; subnormal halves are built as (magic + mantissa) - magic. (The method of the FP16 library.)
+HEADKV_INLINE float fp16_bits_to_float(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const uint32_t normal_bits = (two_w >> 4) + (0xE0u << 23);
+  float normal, subnormal;
+  std::memcpy(&normal, &normal_bits, sizeof normal);
+  normal *= 0x1.0p-112f;
+  const uint32_t subnormal_bits = (two_w >> 17) | (126u << 23);
+  std::memcpy(&subnormal, &subnormal_bits, sizeof subnormal);
+  subnormal -= 0.5f;
+  uint32_t normal_u, subnormal_u;
+  std::memcpy(&normal_u, &normal, sizeof normal_u);
+  std::memcpy(&subnormal_u, &subnormal, sizeof subnormal_u);
+  const uint32_t u = sign | (two_w < (1u << 27) ? subnormal_u : normal_u);
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
 
-inline uint16_t float_to_fp16(float f) {  // round to nearest even
+inline uint16_t float_to_fp16_bits(float f) {  // portable float -> IEEE half, round to nearest even
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
@@ -73,13 +129,11 @@ inline uint16_t float_to_fp16(float f) {  // round to nearest even
   if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to inf
   if (abs < 0x38800000u) {                         // subnormal or zero in fp16
     if (abs < 0x33000000u) return sign;
-    const uint32_t shift = 126u - (abs >> 23);
+    const uint32_t shift = 126u - (abs >> 23);     // value / 2^-24 = mantissa / 2^shift
     const uint32_t mantissa = (abs & 0x7fffffu) | 0x800000u;
-    // value / 2^-24 = mantissa / 2^shift, rounded to nearest even
-    const uint32_t total_shift = shift;
-    uint32_t half = mantissa >> total_shift;
-    const uint32_t rest = mantissa & ((1u << total_shift) - 1u);
-    const uint32_t halfway = 1u << (total_shift - 1);
+    uint32_t half = mantissa >> shift;
+    const uint32_t rest = mantissa & ((1u << shift) - 1u);
+    const uint32_t halfway = 1u << (shift - 1);
     if (rest > halfway || (rest == halfway && (half & 1u))) ++half;
     return sign | static_cast<uint16_t>(half);
   }
@@ -89,46 +143,203 @@ inline uint16_t float_to_fp16(float f) {  // round to nearest even
   return sign | static_cast<uint16_t>(half);
 }
 
-// Row `row` (n values) of a buffer of `dtype`, converted to fp32 into `out`.
-inline void load_row(const void* base, int dtype, int64_t row, int64_t n, float* __restrict out) {
+// Storage<dtype>: the element type T of a buffer and its conversions. fp16 uses the compiler's _Float16 where
+// the ISA converts it natively (aarch64); on x86-64 the baseline ISA has no conversion instructions and gcc
+// does not vectorize _Float16 loads, so there fp16 is bits (the AVX2 build converts whole tiles with F16C).
+template <int kDtype>
+struct Storage;
+
+template <>
+struct Storage<kFloat32> {
+  using T = float;
+  static HEADKV_INLINE float load(T x) { return x; }
+  static HEADKV_INLINE T store(float x) { return x; }
+};
+
+template <>
+struct Storage<kBFloat16> {
+  using T = uint16_t;
+  static HEADKV_INLINE float load(T x) { return bf16_to_float(x); }
+  static HEADKV_INLINE T store(float x) { return float_to_bf16(x); }
+};
+
+template <>
+struct Storage<kFloat16> {
+#if defined(__FLT16_MAX__) && !defined(__x86_64__) && !defined(__i386__)
+  using T = _Float16;
+  static HEADKV_INLINE float load(T x) { return static_cast<float>(x); }
+  static HEADKV_INLINE T store(float x) { return static_cast<T>(x); }
+#else
+  using T = uint16_t;
+  static HEADKV_INLINE float load(T x) { return fp16_bits_to_float(x); }
+  static HEADKV_INLINE T store(float x) { return float_to_fp16_bits(x); }
+#endif
+};
+
+inline float fp16_to_float(uint16_t h) {
+  typename Storage<kFloat16>::T x;
+  std::memcpy(&x, &h, sizeof h);
+  return Storage<kFloat16>::load(x);
+}
+
+inline uint16_t float_to_fp16(float f) {
+  const typename Storage<kFloat16>::T x = Storage<kFloat16>::store(f);
+  uint16_t h;
+  std::memcpy(&h, &x, sizeof h);
+  return h;
+}
+
+template <class S>
+HEADKV_INLINE void load_typed(const typename S::T* __restrict src, int64_t n, float* __restrict out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = S::load(src[i]);
+}
+
+template <class S>
+HEADKV_INLINE void store_typed(const float* __restrict in, int64_t n, typename S::T* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = S::store(in[i]);
+}
+
+// Values offset .. offset + n of a buffer of `dtype`, converted to fp32 into `out`.
+HEADKV_INLINE void load_values(const void* base, int dtype, int64_t offset, int64_t n, float* __restrict out) {
   if (dtype == kFloat32) {
-    std::memcpy(out, static_cast<const float*>(base) + row * n, n * sizeof(float));
+    std::memcpy(out, static_cast<const float*>(base) + offset, n * sizeof(float));
   } else if (dtype == kBFloat16) {
-    const uint16_t* src = static_cast<const uint16_t*>(base) + row * n;
-    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(src[i]);
+    load_typed<Storage<kBFloat16>>(static_cast<const uint16_t*>(base) + offset, n, out);
   } else {
-    const uint16_t* src = static_cast<const uint16_t*>(base) + row * n;
-    for (int64_t i = 0; i < n; ++i) out[i] = fp16_to_float(src[i]);
+    load_typed<Storage<kFloat16>>(static_cast<const Storage<kFloat16>::T*>(base) + offset, n, out);
   }
 }
 
-inline void store_row(void* base, int dtype, int64_t row, int64_t n, const float* __restrict in) {
+// Row `row` (n values) of a buffer of `dtype`, converted to fp32 into `out`.
+HEADKV_INLINE void load_row(const void* base, int dtype, int64_t row, int64_t n, float* __restrict out) {
+  load_values(base, dtype, row * n, n, out);
+}
+
+#ifdef HEADKV_AVX2_CLONE
+// fp16 -> fp32 with F16C, 8 values per instruction (gcc does not vectorize _Float16 conversions without
+// AVX512-FP16). Called, never inlined, from code that runs only where the CPU has AVX2/FMA/F16C.
+HEADKV_TARGET_AVX2 inline void fp16_to_float_f16c(const uint16_t* __restrict src, int64_t n, float* __restrict out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) out[i] = _cvtsh_ss(src[i]);
+}
+#endif
+
+// load_values for code compiled twice: kAvx2 = true only in the AVX2/FMA/F16C build.
+template <bool kAvx2>
+HEADKV_INLINE void load_values_isa(const void* base, int dtype, int64_t offset, int64_t n, float* __restrict out) {
+#ifdef HEADKV_AVX2_CLONE
+  if constexpr (kAvx2) {
+    if (dtype == kFloat16) return fp16_to_float_f16c(static_cast<const uint16_t*>(base) + offset, n, out);
+  }
+#endif
+  load_values(base, dtype, offset, n, out);
+}
+
+// fp32 values `in` converted to `dtype` into row `row` of a buffer.
+HEADKV_INLINE void store_row(void* base, int dtype, int64_t row, int64_t n, const float* __restrict in) {
   if (dtype == kFloat32) {
     std::memcpy(static_cast<float*>(base) + row * n, in, n * sizeof(float));
   } else if (dtype == kBFloat16) {
-    uint16_t* dst = static_cast<uint16_t*>(base) + row * n;
-    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(in[i]);
+    store_typed<Storage<kBFloat16>>(in, n, static_cast<uint16_t*>(base) + row * n);
   } else {
-    uint16_t* dst = static_cast<uint16_t*>(base) + row * n;
-    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_fp16(in[i]);
+    store_typed<Storage<kFloat16>>(in, n, static_cast<Storage<kFloat16>::T*>(base) + row * n);
   }
 }
 
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+// ---- inner loops (fp32 accumulation) ----------------------------------------------------------------------
+
+HEADKV_INLINE float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
-inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
+HEADKV_INLINE void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
-inline void scale_row(float alpha, float* __restrict y, int64_t n) {
+HEADKV_INLINE void scale_row(float alpha, float* __restrict y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] *= alpha;
+}
+
+// s[r] = q . rows[r] for the 4 rows starting at `rows` (row stride n), stored as S.
+template <class S>
+HEADKV_INLINE void dot4(const float* __restrict q, const typename S::T* __restrict rows, int64_t n,
+                        float* __restrict s) {
+  const typename S::T* __restrict r0 = rows;
+  const typename S::T* __restrict r1 = rows + n;
+  const typename S::T* __restrict r2 = rows + 2 * n;
+  const typename S::T* __restrict r3 = rows + 3 * n;
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = q[i];
+    s0 += x * S::load(r0[i]);
+    s1 += x * S::load(r1[i]);
+    s2 += x * S::load(r2[i]);
+    s3 += x * S::load(r3[i]);
+  }
+  s[0] = s0;
+  s[1] = s1;
+  s[2] = s2;
+  s[3] = s3;
+}
+
+template <class S>
+HEADKV_INLINE float dot1(const float* __restrict q, const typename S::T* __restrict row, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += q[i] * S::load(row[i]);
+  return s;
+}
+
+// acc += sum_r p[r] * rows[r] over the 4 rows starting at `rows` (row stride n), stored as S.
+template <class S>
+HEADKV_INLINE void axpy4(const float* __restrict p, const typename S::T* __restrict rows, int64_t n,
+                         float* __restrict acc) {
+  const typename S::T* __restrict r0 = rows;
+  const typename S::T* __restrict r1 = rows + n;
+  const typename S::T* __restrict r2 = rows + 2 * n;
+  const typename S::T* __restrict r3 = rows + 3 * n;
+  const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    acc[i] += p0 * S::load(r0[i]) + p1 * S::load(r1[i]) + p2 * S::load(r2[i]) + p3 * S::load(r3[i]);
+  }
+}
+
+template <class S>
+HEADKV_INLINE void axpy1(float p, const typename S::T* __restrict row, int64_t n, float* __restrict acc) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += p * S::load(row[i]);
+}
+
+// exp(x) for x <= 0 (a score minus its running max), within about 2e-7 relative error; exactly 0 below -87
+// (so a masked score, -inf, gets no weight): a polynomial with no calls, so loops over it vectorize.
+HEADKV_INLINE float exp_le0(float x) {
+  const int32_t keep = -static_cast<int32_t>(x >= -87.0f);  // all ones; 0 below -87 and for -inf
+  x = std::max(x, -87.0f);
+  const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);  // nearest integer to x / ln 2
+  const float nf = static_cast<float>(n);
+  const float r = x - nf * 0.693359375f + nf * 2.12194440e-4f;  // x - n ln 2, ln 2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = ((n + 127) << 23) & keep;  // 2^n, or 0.f
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
 }
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();

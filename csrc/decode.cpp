@@ -2,9 +2,15 @@
 // Semantics: headkv_engine/ops/decode.py (decode_attention_reference).
 //
 // Work items are chunks of at most kChunk rows of one head, so a long full head is shared between threads
-// while a window head is a single item; each item keeps an online softmax (max, normaliser, weighted sum of
-// values) over tiles of kTile rows, and the items of a head are merged by their log-sum-exp.
+// while a window head is a single item (OpenMP dynamic schedule). An item makes one pass over its K and V
+// rows, a tile of kTile rows at a time: scores of 4 rows per loop over head_dim (the query, pre-scaled, is
+// loaded once for 4 keys), the tile max, exp of the tile as one vector loop, then the values 4 rows per
+// loop into the fp32 accumulator; the running max / normaliser / output rescale once per tile (online
+// softmax). Rows are read in their storage dtype and converted in registers. The items of a head are merged
+// by their log-sum-exp. The per-item code is compiled for the baseline ISA and for AVX2/FMA/F16C (fp16 tiles
+// are converted with F16C there).
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -13,26 +19,169 @@
 namespace headkv {
 namespace {
 
-constexpr int64_t kChunk = 1024;
-constexpr int64_t kTile = 32;
+constexpr int64_t kChunk = 512;
+constexpr int64_t kTile = 64;
+
+struct Args {
+  const void* q;
+  const void* q_sink;
+  const void* k_pool;
+  const void* v_pool;
+  const int64_t* base;
+  const int64_t* sink_size;
+  int64_t heads, head_dim;
+  int q_dtype, kv_dtype;
+  float scale;
+};
 
 struct Item {
-  int64_t bh, start, end;
+  int64_t bh, start, end;  // rows start..end of head bh's kept rows
 };
 
-struct Partial {
-  float max, sum;
+struct Workspace {
+  std::vector<float> q, q_sink, scores, tile;  // tile: fp16 rows widened with F16C (AVX2 build only)
+  Workspace(int64_t head_dim, bool fp16)
+      : q(head_dim), q_sink(head_dim), scores(kTile), tile(fp16 ? kTile * head_dim : 0) {}
 };
+
+// Scores of rows [lo, hi) of the tile at `keys` (row stride d) with query `q`.
+template <class S>
+HEADKV_INLINE void tile_scores(const float* q, const typename S::T* keys, int64_t lo, int64_t hi, int64_t d,
+                               float* s) {
+  int64_t j = lo;
+  for (; j + 4 <= hi; j += 4) dot4<S>(q, keys + j * d, d, s + j);
+  for (; j < hi; ++j) s[j] = dot1<S>(q, keys + j * d, d);
+}
+
+// acc += sum_j p[j] * values[j] over the n rows of a tile.
+template <class S>
+HEADKV_INLINE void tile_values(const float* p, const typename S::T* values, int64_t n, int64_t d, float* acc) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) axpy4<S>(p + j, values + j * d, d, acc);
+  for (; j < n; ++j) axpy1<S>(p[j], values + j * d, d, acc);
+}
+
+// Online softmax over rows it.start..it.end of head it.bh: acc (unnormalised output), max and sum.
+// S: the pools' storage; kD: head_dim when known at compile time (0: a.head_dim); kAvx2: the AVX2 build, in
+// which fp16 tiles are converted to fp32 with F16C first (gcc cannot vectorize _Float16 loads there).
+template <class S, int kD, bool kAvx2>
+HEADKV_INLINE void chunk_body(const Args& a, const Item& it, Workspace& w, float* acc, float* max_out,
+                              float* sum_out) {
+  using T = typename S::T;
+  using F32 = Storage<kFloat32>;
+  constexpr bool kConvertTile = kAvx2 && std::is_same_v<S, Storage<kFloat16>>;
+  const int64_t d = kD > 0 ? kD : a.head_dim;
+  const int64_t h = it.bh % a.heads;
+  float* q = w.q.data();
+  float* qs = w.q_sink.data();
+  float* s = w.scores.data();
+  load_row(a.q, a.q_dtype, it.bh, d, q);
+  scale_row(a.scale, q, d);
+  const int64_t sinks = a.q_sink ? std::max<int64_t>(0, a.sink_size[h]) : 0;
+  if (it.start < sinks) {
+    load_row(a.q_sink, a.q_dtype, it.bh, d, qs);
+    scale_row(a.scale, qs, d);
+  }
+  std::fill(acc, acc + d, 0.f);
+  float m = kNegInf, l = 0.f;
+  const T* k_rows = static_cast<const T*>(a.k_pool) + a.base[it.bh] * d;
+  const T* v_rows = static_cast<const T*>(a.v_pool) + a.base[it.bh] * d;
+  for (int64_t t0 = it.start; t0 < it.end; t0 += kTile) {
+    const int64_t n = std::min(kTile, it.end - t0);
+    const int64_t split = std::min(n, std::max<int64_t>(0, sinks - t0));  // rows [0, split) are sinks
+    if constexpr (kConvertTile) {
+      load_values_isa<kAvx2>(a.k_pool, a.kv_dtype, (a.base[it.bh] + t0) * d, n * d, w.tile.data());
+      if (split > 0) tile_scores<F32>(qs, w.tile.data(), 0, split, d, s);
+      tile_scores<F32>(q, w.tile.data(), split, n, d, s);
+    } else {
+      if (split > 0) tile_scores<S>(qs, k_rows + t0 * d, 0, split, d, s);
+      tile_scores<S>(q, k_rows + t0 * d, split, n, d, s);
+    }
+    float tile_max = kNegInf;
+#pragma omp simd reduction(max : tile_max)
+    for (int64_t j = 0; j < n; ++j) tile_max = s[j] > tile_max ? s[j] : tile_max;
+    if (tile_max > m) {
+      const float correction = std::exp(m - tile_max);  // 0 on the first tile (m = -inf, acc = 0)
+      l *= correction;
+      scale_row(correction, acc, d);
+      m = tile_max;
+    }
+    float tile_sum = 0.f;
+#pragma omp simd reduction(+ : tile_sum)
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = exp_le0(s[j] - m);
+      tile_sum += s[j];
+    }
+    l += tile_sum;
+    if constexpr (kConvertTile) {
+      load_values_isa<kAvx2>(a.v_pool, a.kv_dtype, (a.base[it.bh] + t0) * d, n * d, w.tile.data());
+      tile_values<F32>(s, w.tile.data(), n, d, acc);
+    } else {
+      tile_values<S>(s, v_rows + t0 * d, n, d, acc);
+    }
+  }
+  *max_out = m;
+  *sum_out = l;
+}
+
+template <class S, bool kAvx2>
+HEADKV_INLINE void chunk_dims(const Args& a, const Item& it, Workspace& w, float* acc, float* m, float* l) {
+  switch (a.head_dim) {  // the common head sizes get loops of a known trip count
+    case 64: return chunk_body<S, 64, kAvx2>(a, it, w, acc, m, l);
+    case 80: return chunk_body<S, 80, kAvx2>(a, it, w, acc, m, l);
+    case 128: return chunk_body<S, 128, kAvx2>(a, it, w, acc, m, l);
+    default: return chunk_body<S, 0, kAvx2>(a, it, w, acc, m, l);
+  }
+}
+
+template <bool kAvx2>
+HEADKV_INLINE void run_chunk(const Args& a, const Item& it, Workspace& w, float* acc, float* m, float* l) {
+  switch (a.kv_dtype) {
+    case kFloat32: return chunk_dims<Storage<kFloat32>, kAvx2>(a, it, w, acc, m, l);
+    case kBFloat16: return chunk_dims<Storage<kBFloat16>, kAvx2>(a, it, w, acc, m, l);
+    default: return chunk_dims<Storage<kFloat16>, kAvx2>(a, it, w, acc, m, l);
+  }
+}
+
+void chunk_baseline(const Args& a, const Item& it, Workspace& w, float* acc, float* m, float* l) {
+  run_chunk<false>(a, it, w, acc, m, l);
+}
+
+#ifdef HEADKV_AVX2_CLONE
+HEADKV_TARGET_AVX2 void chunk_avx2(const Args& a, const Item& it, Workspace& w, float* acc, float* m, float* l) {
+  run_chunk<true>(a, it, w, acc, m, l);
+}
+#endif
+
+using ChunkFn = void (*)(const Args&, const Item&, Workspace&, float*, float*, float*);
+
+ChunkFn pick_chunk_fn() {
+#ifdef HEADKV_AVX2_CLONE
+  if (use_avx2()) return chunk_avx2;
+#endif
+  return chunk_baseline;
+}
 
 }  // namespace
 
 void decode_attention(const void* q, const void* q_sink, const void* k_pool, const void* v_pool, const int64_t* base,
                       const int64_t* length, const int64_t* sink_size, const float* fill, void* out, int64_t batch,
-                      int64_t heads, int64_t head_dim, int q_dtype, int kv_dtype, float scale) {
+                      int64_t heads, int64_t head_dim, int64_t pool_rows, int q_dtype, int kv_dtype, float scale) {
   check_dtype(q_dtype, "q");
   check_dtype(kv_dtype, "k_pool");
   check_positive(head_dim, "head_dim");
+  check_non_negative(batch, "batch");
+  check_non_negative(heads, "heads");
+  check_non_negative(pool_rows, "pool_rows");
   const int64_t rows = batch * heads;
+  if (rows == 0) return;
+  check_pointer(q, "q");
+  check_pointer(out, "out");
+  check_pointer(base, "base");
+  check_pointer(length, "length");
+  HEADKV_CHECK(q_sink == nullptr || sink_size != nullptr, "sink_size is required with q_sink");
+  check_row_ranges(base, length, rows, pool_rows);
+
   std::vector<Item> items;
   std::vector<int64_t> first_item(rows + 1, 0);
   for (int64_t bh = 0; bh < rows; ++bh) {
@@ -42,81 +191,36 @@ void decode_attention(const void* q, const void* q_sink, const void* k_pool, con
   }
   first_item[rows] = static_cast<int64_t>(items.size());
   const int64_t n_items = static_cast<int64_t>(items.size());
-  std::vector<Partial> partials(n_items);
-  std::vector<float> accs(n_items * head_dim);
+  std::vector<float> maxes(n_items), sums(n_items), accs(n_items * head_dim);
+  const Args a{q, q_sink, k_pool, v_pool, base, sink_size, heads, head_dim, q_dtype, kv_dtype, scale};
+  const ChunkFn run = pick_chunk_fn();
 
 #pragma omp parallel
   {
-    std::vector<float> qf(head_dim), qsf(head_dim), kt(kTile * head_dim), vt(kTile * head_dim), scores(kTile);
+    Workspace w(head_dim, kv_dtype == kFloat16);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n_items; ++i) {
-      const Item it = items[i];
-      const int64_t h = it.bh % heads;
-      load_row(q, q_dtype, it.bh, head_dim, qf.data());
-      const int64_t sinks = q_sink ? sink_size[h] : 0;
-      if (sinks > 0) load_row(q_sink, q_dtype, it.bh, head_dim, qsf.data());
-      float* acc = accs.data() + i * head_dim;
-      std::fill(acc, acc + head_dim, 0.f);
-      float running_max = kNegInf, running_sum = 0.f;
-      for (int64_t t0 = it.start; t0 < it.end; t0 += kTile) {
-        const int64_t n = std::min(kTile, it.end - t0);
-        const int64_t row0 = base[it.bh] + t0;
-        float tile_max = kNegInf;
-        for (int64_t j = 0; j < n; ++j) {
-          const float* kr;
-          if (kv_dtype == kFloat32) {
-            kr = static_cast<const float*>(k_pool) + (row0 + j) * head_dim;
-          } else {
-            load_row(k_pool, kv_dtype, row0 + j, head_dim, kt.data() + j * head_dim);
-            kr = kt.data() + j * head_dim;
-          }
-          const float* qq = (t0 + j < sinks) ? qsf.data() : qf.data();
-          scores[j] = dot(qq, kr, head_dim) * scale;
-          tile_max = std::max(tile_max, scores[j]);
-        }
-        const float new_max = std::max(running_max, tile_max);
-        if (new_max > running_max) {
-          const float correction = std::exp(running_max - new_max);  // exp(-inf) = 0 on the first tile
-          running_sum *= correction;
-          scale_row(correction, acc, head_dim);
-          running_max = new_max;
-        }
-        for (int64_t j = 0; j < n; ++j) {
-          const float p = std::exp(scores[j] - running_max);
-          running_sum += p;
-          const float* vr;
-          if (kv_dtype == kFloat32) {
-            vr = static_cast<const float*>(v_pool) + (row0 + j) * head_dim;
-          } else {
-            load_row(v_pool, kv_dtype, row0 + j, head_dim, vt.data());
-            vr = vt.data();
-          }
-          axpy(p, vr, acc, head_dim);
-        }
-      }
-      partials[i] = {running_max, running_sum};
-    }
+    for (int64_t i = 0; i < n_items; ++i) run(a, items[i], w, accs.data() + i * head_dim, &maxes[i], &sums[i]);
 
-    std::vector<float> merged(head_dim);
+    float* merged = w.q.data();  // reused as the output row
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < rows; ++bh) {
       const int64_t begin = first_item[bh], end = first_item[bh + 1];
       if (begin == end) {  // the head keeps nothing: its fill, never 0/0
         const int64_t h = bh % heads;
-        for (int64_t d = 0; d < head_dim; ++d) merged[d] = fill ? fill[h * head_dim + d] : 0.f;
+        for (int64_t c = 0; c < head_dim; ++c) merged[c] = fill ? fill[h * head_dim + c] : 0.f;
       } else {
         float global_max = kNegInf;
-        for (int64_t i = begin; i < end; ++i) global_max = std::max(global_max, partials[i].max);
-        std::fill(merged.begin(), merged.end(), 0.f);
+        for (int64_t i = begin; i < end; ++i) global_max = std::max(global_max, maxes[i]);
+        std::fill(merged, merged + head_dim, 0.f);
         float total = 0.f;
         for (int64_t i = begin; i < end; ++i) {
-          const float w = std::exp(partials[i].max - global_max);
-          total += w * partials[i].sum;
-          axpy(w, accs.data() + i * head_dim, merged.data(), head_dim);
+          const float weight = std::exp(maxes[i] - global_max);
+          total += weight * sums[i];
+          axpy(weight, accs.data() + i * head_dim, merged, head_dim);
         }
-        scale_row(1.f / total, merged.data(), head_dim);
+        scale_row(1.f / total, merged, head_dim);
       }
-      store_row(out, q_dtype, bh, head_dim, merged.data());
+      store_row(out, q_dtype, bh, head_dim, merged);
     }
   }
 }

@@ -1,4 +1,5 @@
-// The CPU kernels' entry points (pointers and sizes; Python checks shapes, dtypes and contiguity first).
+// The CPU kernels' entry points (pointers and sizes; Python checks shapes, dtypes and contiguity first; the
+// kernels check dtype codes, sizes and that every row they touch lies inside the pools' pool_rows rows).
 #pragma once
 
 #include <cstdint>
@@ -7,17 +8,17 @@ namespace headkv {
 
 void decode_attention(const void* q, const void* q_sink, const void* k_pool, const void* v_pool, const int64_t* base,
                       const int64_t* length, const int64_t* sink_size, const float* fill, void* out, int64_t batch,
-                      int64_t heads, int64_t head_dim, int q_dtype, int kv_dtype, float scale);
+                      int64_t heads, int64_t head_dim, int64_t pool_rows, int q_dtype, int kv_dtype, float scale);
 
 void prefill_attention(const void* q, const void* q_sink, const void* k, const void* v, const int64_t* positions,
                        const void* k_pool, const void* v_pool, const int64_t* pos_pool, const int64_t* base,
                        const int64_t* length, const int64_t* sink_size, const int64_t* window_size, const float* fill,
-                       void* out, int64_t batch, int64_t heads, int64_t tokens, int64_t head_dim, int q_dtype,
-                       int kv_dtype, float scale);
+                       void* out, int64_t batch, int64_t heads, int64_t tokens, int64_t head_dim, int64_t pool_rows,
+                       int q_dtype, int kv_dtype, float scale);
 
 void append(void* k_pool, void* v_pool, int64_t* pos_pool, const int64_t* base, const void* k, const void* v,
             const int64_t* positions, const int64_t* sink_size, const int64_t* window_size, int64_t batch,
-            int64_t heads, int64_t tokens, int64_t head_dim, int kv_dtype, int new_dtype);
+            int64_t heads, int64_t tokens, int64_t head_dim, int64_t pool_rows, int kv_dtype, int new_dtype);
 
 int64_t head_statistics_fields(int64_t log2_bins);
 

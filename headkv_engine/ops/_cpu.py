@@ -1,7 +1,10 @@
 """Calls into the compiled CPU kernels: tensors become data pointers, sizes and dtype codes.
 
 The dispatchers in this package have checked shapes, dtypes and devices; here tensors are made contiguous
-and the extension (which does not link libtorch) gets their addresses.
+(copies only where they are not already) and the extension (which does not link libtorch) gets their
+addresses, sizes and dtype codes. The kernels check what Python cannot see cheaply: that every row they read
+or write lies inside the pools, and (prefill) that each row of `positions` is -1 padding followed by
+strictly increasing positions; violations raise ValueError before anything is read or written.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
     batch, heads, head_dim = q.shape
     _ext().decode_attention(
         _ptr(q), _ptr(q_sink), _ptr(k_pool), _ptr(v_pool), _ptr(base), _ptr(length), _ptr(sink_size), _ptr(fill),
-        _ptr(out), batch, heads, head_dim, DTYPE_CODES[q.dtype], DTYPE_CODES[k_pool.dtype], float(scale),
+        _ptr(out), batch, heads, head_dim, k_pool.shape[0], DTYPE_CODES[q.dtype], DTYPE_CODES[k_pool.dtype],
+        float(scale),
     )
     return out
 
@@ -52,7 +56,7 @@ def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length
     _ext().prefill_attention(
         _ptr(q), _ptr(q_sink), _ptr(k), _ptr(v), _ptr(positions), _ptr(k_pool), _ptr(v_pool), _ptr(pos_pool),
         _ptr(base), _ptr(length), _ptr(sink_size), _ptr(window_size), _ptr(fill), _ptr(out),
-        batch, heads, tokens, head_dim, DTYPE_CODES[q.dtype], DTYPE_CODES[k_pool.dtype], float(scale),
+        batch, heads, tokens, head_dim, k_pool.shape[0], DTYPE_CODES[q.dtype], DTYPE_CODES[k_pool.dtype], float(scale),
     )
     return out
 
@@ -64,7 +68,8 @@ def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_si
     batch, heads, tokens, head_dim = k.shape
     _ext().append(
         _ptr(k_pool), _ptr(v_pool), _ptr(pos_pool), _ptr(base), _ptr(k), _ptr(v), _ptr(positions), _ptr(sink_size),
-        _ptr(window_size), batch, heads, tokens, head_dim, DTYPE_CODES[k_pool.dtype], DTYPE_CODES[k.dtype],
+        _ptr(window_size), batch, heads, tokens, head_dim, k_pool.shape[0], DTYPE_CODES[k_pool.dtype],
+        DTYPE_CODES[k.dtype],
     )
 
 
