@@ -137,3 +137,62 @@ def test_append_matches_reference(dtype):
     tol = 0 if dtype == torch.float32 else 2**-7  # the interpreter may round bf16 toward zero
     torch.testing.assert_close(got[0].float(), want[0].float(), atol=0, rtol=tol)
     torch.testing.assert_close(got[1].float(), want[1].float(), atol=0, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "q_start, tokens_q, head_dim, sink_size, local_window, recent_ratio",
+    [(0, 90, 16, 4, 8, 0.1),  # several query and key tiles, distances past the 64 relative bins
+     (37, 21, 24, 0, 1, 0.3),  # a later query block (chunked analysis), sink 0, local window 1, D not 2^k
+     (0, 9, 16, 2, 3, 1.0)],  # fewer tokens than one tile; the recent region is everything
+)
+def test_head_statistics_matches_reference(dtype, q_start, tokens_q, head_dim, sink_size, local_window, recent_ratio):
+    gen = torch.Generator().manual_seed(tokens_q)
+    heads = 3
+    q = (torch.randn(heads, tokens_q, head_dim, generator=gen) * 2).to(dtype).to(DEVICE)
+    k = (torch.randn(heads, q_start + tokens_q, head_dim, generator=gen) * 2).to(dtype).to(DEVICE)
+    k[1, :2] *= 4  # one head with heavy first keys
+    kwargs = dict(scale=head_dim**-0.5, sink_size=sink_size, local_window=local_window, recent_ratio=recent_ratio)
+    want = ops.head_statistics(q.float(), k.float(), q_start, backend="torch", **kwargs)
+    got = ops.head_statistics(q, k, q_start, backend="triton", **kwargs)
+    assert set(got) == set(want)
+    assert torch.equal(got["count"], want["count"])
+    for key in want:
+        assert got[key].dtype == torch.float64 and got[key].shape == want[key].shape, key
+        torch.testing.assert_close(got[key], want[key], atol=2e-4 * max(1.0, float(want["count"][0])), rtol=1e-4,
+                                   msg=key)
+
+
+def test_head_statistics_tiles_and_blocks_do_not_change_the_sums():
+    """Block sizes only change how the sums are split over programs and tiles."""
+    from headkv_engine.kernel_sources import triton_module
+    from headkv_engine.ops.statistics import _recent_start, log2_bins
+
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 40, 16, generator=gen).to(DEVICE)
+    k = torch.randn(2, 40, 16, generator=gen).to(DEVICE)
+    launch = triton_module("statistics").head_statistics
+    args = (q, k, _recent_start(0, 40, 0.1, q.device), 0, 0.25, 4, 8, 12, log2_bins(39))
+    small = launch(*args, block_q=16, block_k=16)
+    large = launch(*args, block_q=64, block_k=32)
+    torch.testing.assert_close(small, large, atol=1e-5, rtol=1e-5)
+
+
+def test_analyze_with_triton_statistics_matches_reference():
+    """hk.analyze over a tiny model, in chunks, with the Triton statistics kernel."""
+    import headkv_engine as hk
+    from reference_model import tiny_model
+
+    model = tiny_model(2, 4, 16).to(DEVICE)
+    ids = torch.randint(0, 97, (1, 50), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    want = hk.analyze(model, ids, chunk_size=20, progress=False, backend="torch")
+    got = hk.analyze(model, ids, chunk_size=20, progress=False, backend="triton")
+    assert got.model_info["backend"] == "triton"
+    for mine, ref in zip(got.statistics, want.statistics):
+        assert mine.num_queries == ref.num_queries
+        assert mine.mean_entropy == pytest.approx(ref.mean_entropy, abs=1e-5)
+        assert mine.sink_ratio == pytest.approx(ref.sink_ratio, abs=1e-5)
+        assert mine.max_attention_mean == pytest.approx(ref.max_attention_mean, abs=1e-5)
+        assert mine.relative_position_dist == pytest.approx(ref.relative_position_dist, abs=1e-5)
+        assert mine.distance_mass_log2 == pytest.approx(ref.distance_mass_log2, abs=1e-5)
+        assert mine.sink_mass_by_size == pytest.approx(ref.sink_mass_by_size, abs=1e-5)

@@ -20,7 +20,8 @@ from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
 from headkv_engine import __version__
 from headkv_engine.analysis.statistics import HeadStatistics, from_sums, save_statistics
-from headkv_engine.ops.statistics import add_sums, empty_sums, head_statistics, statistics_backend
+from headkv_engine.backends import resolve_backend
+from headkv_engine.ops.statistics import add_sums, empty_sums, head_statistics
 
 
 @dataclass
@@ -97,7 +98,7 @@ def analyze(model, input_ids, *, sink_size: int = 4, local_window: int = 8, rece
     input_ids: one sequence [T], equal-length sequences [batch, T] (no padding), or a list of 1-D sequences of
     any lengths. Each sequence runs through the model body in pieces of `chunk_size` tokens with a cache; the
     statistics are means over every query at position >= sink_size + local_window of every sequence. `backend`
-    picks the statistics kernel (auto: the C++ kernel on CPU, the PyTorch reference elsewhere); the model itself
+    picks the statistics kernel (auto: the C++ kernel on CPU, Triton on CUDA); the model itself
     runs unpatched.
     """
     config = model.config
@@ -113,7 +114,7 @@ def analyze(model, input_ids, *, sink_size: int = 4, local_window: int = 8, rece
         raise ValueError(f"input_ids: no query to analyse; the statistics start at position sink_size + "
                          f"local_window = {sink_size + local_window}, so give a sequence longer than that")
     device = next(model.parameters()).device
-    backend = statistics_backend(backend, device)  # fails here, before the run, if it is unavailable
+    backend = resolve_backend(backend, device)  # fails here, before the run, if it is unavailable
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     sums = [empty_sums(heads, 1) for _ in range(layers)]
 

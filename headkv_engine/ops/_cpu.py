@@ -73,28 +73,16 @@ def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_si
     )
 
 
-def head_statistics(q, k, q_start, scale, sink_size, local_window, recent_ratio, min_query):
-    """Sums of ops.statistics for one sequence block, as the reference returns them."""
-    from headkv_engine.ops.statistics import RELATIVE_BINS, SINK_SIZES, empty_sums, log2_bins  # noqa: PLC0415
-
+def head_statistics(q, k, q_start, scale, sink_size, local_window, recent_ratio, min_query, bins):
+    """Sums of ops.statistics for one sequence block: fp64 rows [H, fields] (layout: ops.statistics)."""
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
     q, k = q.contiguous(), k.contiguous()
     heads, tokens_q, head_dim = q.shape
-    tokens_k = k.shape[1]
-    bins = log2_bins(tokens_k - 1)
     ext = _ext()
     buffer = torch.empty(heads, ext.head_statistics_fields(bins), dtype=torch.float64)
     ext.head_statistics(
-        _ptr(q), _ptr(k), heads, tokens_q, tokens_k, head_dim, DTYPE_CODES[q.dtype], q_start, float(scale),
+        _ptr(q), _ptr(k), heads, tokens_q, k.shape[1], head_dim, DTYPE_CODES[q.dtype], q_start, float(scale),
         sink_size, local_window, float(recent_ratio), min_query, bins, _ptr(buffer),
     )
-    sums = empty_sums(heads, bins)
-    sums["count"], sums["entropy"], sums["entropy_sq"] = buffer[:, 0], buffer[:, 1], buffer[:, 2]
-    sums["max_prob"], sums["uniformity"] = buffer[:, 3], buffer[:, 4]
-    sums["regions"] = buffer[:, 5:9]
-    sums["relative"] = buffer[:, 9 : 9 + RELATIVE_BINS]
-    sinks_at = 9 + RELATIVE_BINS
-    sums["sinks"] = buffer[:, sinks_at : sinks_at + len(SINK_SIZES)]
-    sums["log2"] = buffer[:, sinks_at + len(SINK_SIZES) :]
-    return sums
+    return buffer

@@ -16,13 +16,12 @@ Sums over blocks and sequences add up; `finalize` turns them into means. Accumul
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 
 import torch
 
 from headkv_engine.backends import resolve_backend
+from headkv_engine.kernel_sources import triton_module
 from headkv_engine.ops._checks import FLOAT_DTYPES, check_tensor
 
 RELATIVE_BINS = 64
@@ -120,28 +119,41 @@ def head_statistics(q, k, q_start=0, *, scale, sink_size=4, local_window=8, rece
     if not 0 <= recent_ratio <= 1:
         raise ValueError(f"recent_ratio must be in [0, 1], got {recent_ratio}")
     min_query = sink_size + local_window if min_query is None else min_query
-    kind = statistics_backend(backend, q.device)
+    kind = resolve_backend(backend, q.device)
     if kind == "torch":
         return head_statistics_reference(q, k, q_start, scale=scale, sink_size=sink_size, local_window=local_window,
                                          recent_ratio=recent_ratio, min_query=min_query)
+    bins = log2_bins(k.shape[1] - 1)
     if kind == "cpu":
         from headkv_engine.ops import _cpu  # noqa: PLC0415
 
-        return _cpu.head_statistics(q, k, q_start, scale, sink_size, local_window, recent_ratio, min_query)
-    raise RuntimeError(f"head_statistics has no {kind!r} kernel in this build; use backend='torch' or 'cpu'")
+        buffer = _cpu.head_statistics(q, k, q_start, scale, sink_size, local_window, recent_ratio, min_query, bins)
+    elif kind == "triton":
+        buffer = triton_module("statistics").head_statistics(
+            q.contiguous(), k.contiguous(), _recent_start(q_start, tokens_q, recent_ratio, q.device), q_start,
+            float(scale), sink_size, local_window, min_query, bins,
+        )
+    else:
+        raise RuntimeError(f"head_statistics has no {kind!r} kernel in this build; use backend='torch', 'cpu' or "
+                           "'triton'")
+    return sums_from_buffer(buffer, bins)
 
 
-def statistics_backend(backend: str, device) -> str:
-    """The backend head_statistics runs for `backend` on `device` (auto on CUDA: the torch reference, as there is
-    no Triton statistics kernel yet)."""
-    kind = resolve_backend(backend, torch.device(device))
-    if kind == "triton" and backend == "auto":
-        _warn_no_triton_statistics()
-        kind = "torch"
-    return kind
+def _recent_start(q_start: int, tokens_q: int, recent_ratio: float, device) -> torch.Tensor:
+    """First key of each query's recent region, computed in fp64 exactly as the reference does."""
+    pos = q_start + torch.arange(tokens_q, device=device)
+    return pos + 1 - torch.ceil(recent_ratio * (pos + 1).double()).long()
 
 
-@functools.cache
-def _warn_no_triton_statistics():
-    warnings.warn("headkv_engine: head_statistics runs the torch reference on CUDA (no Triton kernel for it yet)",
-                  RuntimeWarning, stacklevel=3)
+def sums_from_buffer(buffer: torch.Tensor, bins: int) -> dict:
+    """The kernels' output rows [H, fields] (count, entropy, entropy_sq, max_prob, uniformity, regions, relative
+    bins, sink sizes, log2 bins) as the reference's dict of sums."""
+    sums = empty_sums(buffer.shape[0], bins, buffer.device)
+    sums["count"], sums["entropy"], sums["entropy_sq"] = buffer[:, 0], buffer[:, 1], buffer[:, 2]
+    sums["max_prob"], sums["uniformity"] = buffer[:, 3], buffer[:, 4]
+    sums["regions"] = buffer[:, 5:9]
+    sums["relative"] = buffer[:, 9 : 9 + RELATIVE_BINS]
+    sinks_at = 9 + RELATIVE_BINS
+    sums["sinks"] = buffer[:, sinks_at : sinks_at + len(SINK_SIZES)]
+    sums["log2"] = buffer[:, sinks_at + len(SINK_SIZES) :]
+    return sums
