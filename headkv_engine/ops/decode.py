@@ -4,6 +4,11 @@ The kept keys of head (b, h) are the rows `base[b, h] .. base[b, h] + length[b, 
 (see `HeadKVCache`). Every row there was written, so every row is attended to; a head with no kept rows
 (pruned) outputs its fill vector. In `shifted` position mode the sink rows (slots < sink_size[h]) are
 scored with `q_sink`, the query rotated by the rank it takes relative to the sinks.
+
+With `return_stats=True` the op also returns, per (sequence, head), three statistics of this step's attention,
+computed in the same pass over the keys: its entropy -sum p log p (nats), its mass on the keys at positions
+< `stat_sink` (the sink region of the analysis) and its mass on the keys at positions > query_position -
+`stat_local` (the local region). A head with no kept rows gets zeros. The keys' positions come from `pos_pool`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,11 @@ from headkv_engine.ops import _cpu
 from headkv_engine.ops._checks import FLOAT_DTYPES, check_fill, check_index, check_pools, check_tensor, gather_slots
 
 
-def decode_attention_reference(q, k_pool, v_pool, base, length, *, scale, sink_size=None, q_sink=None, fill=None):
+STAT_FIELDS = ("entropy", "sink_mass", "local_mass")
+
+
+def decode_attention_reference(q, k_pool, v_pool, base, length, *, scale, sink_size=None, q_sink=None, fill=None,
+                               return_stats=False, pos_pool=None, query_position=None, stat_sink=4, stat_local=8):
     """The definition in plain PyTorch (fp32 math)."""
     keys, valid = gather_slots(k_pool, base, length)  # [B, H, L, D]
     values, _ = gather_slots(v_pool, base, length)
@@ -32,17 +41,27 @@ def decode_attention_reference(q, k_pool, v_pool, base, length, *, scale, sink_s
     if empty.any():
         fill_rows = torch.zeros_like(out) if fill is None else fill.float().expand_as(out)
         out = torch.where(empty[..., None], fill_rows, out)
-    return out.to(q.dtype)
+    if not return_stats:
+        return out.to(q.dtype)
+    positions, _ = gather_slots(pos_pool, base, length)
+    log_p = torch.log_softmax(scores, dim=-1)
+    entropy = -torch.where(valid, probs * log_p, torch.zeros_like(probs)).sum(-1)
+    sink_mass = torch.where(valid & (positions < stat_sink), probs, 0).sum(-1)
+    local_mass = torch.where(valid & (positions > query_position[:, None, None] - stat_local), probs, 0).sum(-1)
+    return out.to(q.dtype), torch.stack([entropy, sink_mass, local_mass], dim=-1)
 
 
 def decode_attention(
-    q, k_pool, v_pool, base, length, *, scale, sink_size=None, q_sink=None, fill=None, backend="auto", max_length=None
+    q, k_pool, v_pool, base, length, *, scale, sink_size=None, q_sink=None, fill=None, backend="auto", max_length=None,
+    return_stats=False, pos_pool=None, query_position=None, stat_sink=4, stat_local=8,
 ):
     """Attention of q [B, H, D] over each head's kept rows of k_pool / v_pool [N, D]; returns [B, H, D].
 
     base, length: int64 [B, H]; sink_size: int64 [H] (needed with q_sink); q_sink: [B, H, D] or None;
     fill: [H, D] output of heads with no kept rows (zeros when None); max_length: an upper bound of `length`
     known on the host, which spares GPU backends a device synchronisation.
+    return_stats: also return fp32 [B, H, 3] (STAT_FIELDS: entropy, sink mass, local mass); needs pos_pool
+    (int64 [N], each row's position) and query_position (int64 [B]); the torch and triton backends compute them.
     """
     check_tensor("q", q, dim=3, dtypes=FLOAT_DTYPES)
     batch, heads, head_dim = q.shape
@@ -56,15 +75,26 @@ def decode_attention(
         check_index("sink_size", sink_size, (heads,), q.device)
     check_fill(fill, heads, head_dim, q.device)
     kind = resolve_backend(backend, q.device)
+    if return_stats:
+        check_index("pos_pool", pos_pool, (k_pool.shape[0],), q.device)
+        check_index("query_position", query_position, (batch,), q.device)
+        if stat_sink < 0 or stat_local < 1:
+            raise ValueError(f"stat_sink must be >= 0 and stat_local >= 1, got {stat_sink} and {stat_local}")
+        if kind not in ("torch", "triton"):
+            raise ValueError(f"return_stats: backend {kind!r} does not compute decode statistics; use backend="
+                             "'torch' or 'triton'")
     if kind == "torch":
         return decode_attention_reference(
-            q, k_pool, v_pool, base, length, scale=scale, sink_size=sink_size, q_sink=q_sink, fill=fill
+            q, k_pool, v_pool, base, length, scale=scale, sink_size=sink_size, q_sink=q_sink, fill=fill,
+            return_stats=return_stats, pos_pool=pos_pool, query_position=query_position, stat_sink=stat_sink,
+            stat_local=stat_local,
         )
     if kind == "triton":
+        stats = (pos_pool.contiguous(), query_position.contiguous(), stat_sink, stat_local) if return_stats else None
         return triton_module("decode").decode_attention(
             q.contiguous(), k_pool.contiguous(), v_pool.contiguous(), base.contiguous(), length.contiguous(), scale,
             sink_size=None if sink_size is None else sink_size.contiguous(),
             q_sink=None if q_sink is None else q_sink.contiguous(),
-            fill=None if fill is None else fill.float().contiguous(), max_length=max_length,
+            fill=None if fill is None else fill.float().contiguous(), max_length=max_length, stats=stats,
         )
     return _cpu.decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=sink_size, q_sink=q_sink, fill=fill)

@@ -3,7 +3,10 @@
 Work items are (sequence x head, chunk): a long full head is split into chunks of CHUNK rows processed by
 separate programs, a window head is one chunk, and a program whose chunk starts past its head's length
 exits at once, so no program waits on a longer head. A second kernel merges the chunks of each head with
-their log-sum-exp. Semantics: headkv_engine/ops/decode.py (`decode_attention_reference`).
+their log-sum-exp. With WITH_STATS the same pass also yields each head's attention entropy and its mass on the
+first positions (sinks) and on the last ones (local): per chunk, sum e*(s - m) and the sums of e over those
+rows (e = exp(s - m)), merged like the normaliser.
+Semantics: headkv_engine/ops/decode.py (`decode_attention_reference`).
 """
 
 import triton
@@ -14,9 +17,10 @@ import triton.language as tl
 def _decode_chunk_kernel(
     q_ptr, qs_ptr, k_ptr, v_ptr, base_ptr, len_ptr, sink_ptr,
     part_o_ptr, part_m_ptr, part_l_ptr,
+    pos_ptr, qpos_ptr, part_stats_ptr, stat_sink, stat_local,
     scale, num_heads, num_chunks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    HAS_QSINK: tl.constexpr,
+    HAS_QSINK: tl.constexpr, WITH_STATS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -37,6 +41,11 @@ def _decode_chunk_kernel(
     m = float("-inf")
     l = 0.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if WITH_STATS:
+        q_pos = tl.load(qpos_ptr + bh // num_heads)
+        t = 0.0  # sum of e * (s - m)
+        sink_e = 0.0
+        local_e = 0.0
     stop = tl.minimum(start + CHUNK, length)
     for row0 in range(start, stop, BLOCK_N):
         rows = row0 + tl.arange(0, BLOCK_N)
@@ -54,8 +63,19 @@ def _decode_chunk_kernel(
         p = tl.exp(s - m_new)
         v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        l = l * alpha + tl.sum(p, axis=0)
+        l_new = l * alpha + tl.sum(p, axis=0)
+        if WITH_STATS:
+            pos = tl.load(pos_ptr + base + rows, mask=r_ok, other=-1)
+            # e * (s - m_new) summed, the running part shifted from m to m_new first (l is its sum of e)
+            t = alpha * (t + tl.where(l > 0, m - m_new, 0.0) * l) + tl.sum(p * tl.where(r_ok, s - m_new, 0.0), axis=0)
+            sink_e = sink_e * alpha + tl.sum(tl.where(r_ok & (pos < stat_sink), p, 0.0), axis=0)
+            local_e = local_e * alpha + tl.sum(tl.where(r_ok & (pos > q_pos - stat_local), p, 0.0), axis=0)
+        l = l_new
         m = m_new
+    if WITH_STATS:
+        tl.store(part_stats_ptr + part * 3 + 0, t)
+        tl.store(part_stats_ptr + part * 3 + 1, sink_e)
+        tl.store(part_stats_ptr + part * 3 + 2, local_e)
     tl.store(part_o_ptr + part * HEAD_DIM + d, acc, mask=d_ok)
     tl.store(part_m_ptr + part, m)
     tl.store(part_l_ptr + part, l)
@@ -63,8 +83,9 @@ def _decode_chunk_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    part_o_ptr, part_m_ptr, part_l_ptr, fill_ptr, out_ptr, num_heads, num_chunks,
+    part_o_ptr, part_m_ptr, part_l_ptr, fill_ptr, out_ptr, part_stats_ptr, stats_ptr, num_heads, num_chunks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, HAS_FILL: tl.constexpr,
+    WITH_STATS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
@@ -80,19 +101,36 @@ def _decode_merge_kernel(
         else:
             fill = tl.zeros([BLOCK_D], dtype=tl.float32)
         tl.store(out_ptr + bh * HEAD_DIM + d, fill.to(out_ptr.dtype.element_ty), mask=d_ok)
+        if WITH_STATS:  # attention over nothing: entropy 0, no mass anywhere
+            tl.store(stats_ptr + bh * 3 + tl.arange(0, 4), tl.zeros([4], tl.float32), mask=tl.arange(0, 4) < 3)
         return
     w = tl.where(c_ok & (m > float("-inf")), tl.exp(m - m_max), 0.0)
     o = tl.load(part_o_ptr + (bh * num_chunks + c)[:, None] * HEAD_DIM + d[None, :],
                 mask=(c_ok & (m > float("-inf")))[:, None] & d_ok[None, :], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    total = tl.sum(l * w, axis=0)
+    out = tl.sum(o * w[:, None], axis=0) / total
     tl.store(out_ptr + bh * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    if WITH_STATS:
+        live = c_ok & (m > float("-inf"))
+        stat = part_stats_ptr + (bh * num_chunks + c) * 3
+        t = tl.load(stat + 0, mask=live, other=0.0)
+        shift = tl.where(live, m - m_max, 0.0) * l  # each chunk's sum of e * (s - m) moved to the common max
+        # entropy = -sum p log p with p = e / total and log p = (s - m_max) - log(total)
+        entropy = tl.log(total) - tl.sum(w * (t + shift), axis=0) / total
+        sink_mass = tl.sum(w * tl.load(stat + 1, mask=live, other=0.0), axis=0) / total
+        local_mass = tl.sum(w * tl.load(stat + 2, mask=live, other=0.0), axis=0) / total
+        tl.store(stats_ptr + bh * 3 + 0, entropy)
+        tl.store(stats_ptr + bh * 3 + 1, sink_mass)
+        tl.store(stats_ptr + bh * 3 + 2, local_mass)
 
 
 def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_sink=None, fill=None,
-                     max_length=None, chunk=None, block_n=None, num_warps=None):
+                     max_length=None, chunk=None, block_n=None, num_warps=None, stats=None):
     """Launch: q [B, H, D] contiguous, pools [N, D], base/length int64 [B, H]; returns [B, H, D].
 
-    max_length (an upper bound of `length` known on the host) avoids a device synchronisation.
+    max_length (an upper bound of `length` known on the host) avoids a device synchronisation. stats:
+    None, or (pos_pool [N], query_position [B], sink_tokens, local_window); then returns (out, [B, H, 3] fp32
+    entropy / sink mass / local mass).
     """
     import torch  # noqa: PLC0415
 
@@ -113,17 +151,25 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
     part_l = torch.empty(rows, num_chunks, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     has_qsink = q_sink is not None
+    with_stats = stats is not None
+    if with_stats:
+        pos_pool, query_position, stat_sink, stat_local = stats
+        part_stats = torch.empty(rows, num_chunks, 3, device=q.device, dtype=torch.float32)
+        stats_out = torch.empty(batch, heads, 3, device=q.device, dtype=torch.float32)
+    else:
+        pos_pool, query_position, stat_sink, stat_local, part_stats, stats_out = base, base, 0, 0, part_m, part_m
     _decode_chunk_kernel[(rows, num_chunks)](
         q, q_sink if has_qsink else q, k_pool, v_pool, base, length, sink_size if has_qsink else base,
-        part_o, part_m, part_l, scale, heads, num_chunks,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, HAS_QSINK=has_qsink,
+        part_o, part_m, part_l, pos_pool, query_position, part_stats, stat_sink, stat_local, scale, heads, num_chunks,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, HAS_QSINK=has_qsink, WITH_STATS=with_stats,
         **({"num_warps": num_warps} if num_warps else {}),
     )
     _decode_merge_kernel[(rows,)](
-        part_o, part_m, part_l, fill if fill is not None else part_o, out, heads, num_chunks,
+        part_o, part_m, part_l, fill if fill is not None else part_o, out, part_stats, stats_out, heads, num_chunks,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_C=triton.next_power_of_2(num_chunks), HAS_FILL=fill is not None,
+        WITH_STATS=with_stats,
     )
-    return out
+    return (out, stats_out) if with_stats else out
 
 
 def _multiprocessors(device) -> int:
