@@ -1,6 +1,9 @@
 """GPU kernel benchmark: Triton ragged decode and windowed prefill vs dense baselines, one run, one CSV.
 
-Times are CUDA-graph replays (the kernels alone; `*_eager_ms` adds Python launch overhead).
+Times are CUDA-graph replays (the kernels alone; `*_eager_ms` adds Python launch overhead). A lone call is timed
+after the L2 cache is flushed, so its time includes the latency of a cold start; `*_layer_ms` is the time per
+call of a graph that runs the op for L layers in a row, each over its own cache (L chosen so that the caches
+together are >= 8x the L2 cache), as a decode step of an L-layer model does.
 Decode: bandwidth = bytes of kept K/V read / time, beside the device-to-device copy bandwidth measured in the
 same run (bytes read + written / time) and the ratio of the two; vs torch SDPA over the dense cache, and vs
 flash-attn / FlashInfer when installed. Prefill: a windowed head (sink 4 + window 8 / 24) vs dense causal SDPA.
@@ -49,6 +52,12 @@ def graph_ms(fn) -> float:
     return triton.testing.do_bench(graph.replay, warmup=25, rep=200)
 
 
+def layers_for(bytes_per_layer: int, device, cap: int = 32) -> int:
+    """Layers whose caches together cover the L2 cache 8 times (at most `cap`)."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(1, min(cap, -(-8 * l2 // max(1, bytes_per_layer))))
+
+
 def ragged_cache(batch, context, dtype, device):
     sink, window, _ = seed_mix_profile(1, HEADS, HEAD_DIM).layer_tensors(0, device=device)
     kept = torch.minimum(torch.tensor(context, device=device), sink + window).expand(batch, HEADS).contiguous()
@@ -76,6 +85,22 @@ def bench_decode(batch, context, dtype, device, copy_bw):
         return torch.nn.functional.scaled_dot_product_attention(qd, k_dense, v_dense)
 
     ours, sdpa = graph_ms(ours_fn), graph_ms(sdpa_fn)
+    # Back to back over L layers' caches (dense caches: the same L, so both read cold memory every call).
+    layers = layers_for(kv_bytes, device, cap=max(1, min(32, (8 << 30) // (2 * k_dense.nbytes))))
+    caches = [ragged_cache(batch, context, dtype, device)[:4] for _ in range(layers - 1)] + [(k_pool, v_pool, base,
+                                                                                              kept)]
+    dense = [(torch.randn_like(k_dense), torch.randn_like(v_dense)) for _ in range(layers - 1)] + [(k_dense, v_dense)]
+
+    def ours_layers():
+        for kp, vp, b, n in caches:
+            ops.decode_attention(q, kp, vp, b, n, scale=scale, backend="triton", max_length=context)
+
+    def sdpa_layers():
+        for kd, vd in dense:
+            torch.nn.functional.scaled_dot_product_attention(qd, kd, vd)
+
+    ours_layer, sdpa_layer = graph_ms(ours_layers) / layers, graph_ms(sdpa_layers) / layers
+    del dense, caches
     row = {
         "op": "decode", "batch": batch, "context": context, "dtype": str(dtype).replace("torch.", ""),
         "ours_ms": ours, "sdpa_dense_ms": sdpa, "speedup_vs_sdpa": sdpa / ours,
@@ -84,6 +109,8 @@ def bench_decode(batch, context, dtype, device, copy_bw):
         "kept_kv_bytes": kv_bytes, "dense_kv_bytes": k_dense.nbytes * 2,
         "decode_bw_GBps": kv_bytes / (ours * 1e-3) / 1e9, "copy_bw_GBps": copy_bw / 1e9,
         "bw_ratio": kv_bytes / (ours * 1e-3) / copy_bw,
+        "layers": layers, "ours_layer_ms": ours_layer, "sdpa_dense_layer_ms": sdpa_layer,
+        "speedup_vs_sdpa_layer": sdpa_layer / ours_layer, "bw_ratio_layer": kv_bytes / (ours_layer * 1e-3) / copy_bw,
     }
     try:
         from flash_attn import flash_attn_with_kvcache  # noqa: PLC0415
@@ -115,10 +142,46 @@ def bench_prefill(context, sink_size, window_size, dtype, device):
     }
 
 
+def bench_statistics(tokens, device, heads=12, head_dim=64):
+    """head_statistics over one sequence (pythia-160m head shape): Triton vs the chunked PyTorch reference and vs
+    the attention-matrix method (softmax of the whole [H, T, T] score matrix, then the same sums)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k = (torch.randn(heads, tokens, head_dim, device=device, generator=gen, dtype=torch.float16) for _ in range(2))
+    kwargs = dict(scale=head_dim**-0.5, sink_size=4, local_window=8, recent_ratio=0.1)
+
+    def triton_fn():
+        return ops.head_statistics(q, k, 0, backend="triton", **kwargs)
+
+    def reference_fn():
+        return ops.head_statistics(q, k, 0, backend="torch", **kwargs)
+
+    def matrix_fn():  # what output_attentions hands to the seed's analysis: the whole matrix at once
+        scores = (q.float() @ k.float().transpose(1, 2)) * kwargs["scale"]
+        causal = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()
+        p = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+        return -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1), p.max(-1).values.mean(-1)
+
+    row = {"op": f"head_statistics_h{heads}_d{head_dim}", "batch": 1, "context": tokens, "dtype": "float16"}
+    for name, fn in (("ours", triton_fn), ("reference", reference_fn), ("matrix", matrix_fn)):
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        row[f"{name}_peak_MB"] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
+        row[f"{name}_ms"] = triton.testing.do_bench(fn, warmup=3, rep=20 if name != "reference" else 5)
+    got, want = triton_fn(), ops.head_statistics(q.float(), k.float(), 0, backend="torch", **kwargs)
+    row["max_abs_diff_mean_entropy"] = float((got["entropy"] - want["entropy"]).abs().max() / want["count"][0])
+    return row
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768, 65536])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--statistics-tokens", type=int, nargs="*", default=[2048, 8192])
+    parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--csv", default="bench/results/gpu_kernels.csv")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
@@ -138,10 +201,13 @@ def main(argv=None):
                 continue
             rows.append(bench_decode(batch, context, dtype, device, copy_bw))
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
-    for context in (2048, 8192, 32768):
+    for context in () if args.skip_prefill else (2048, 8192, 32768):
         for sink_size, window_size in ((4, 8), (4, 24), (4, 252)):
             rows.append(bench_prefill(context, sink_size, window_size, dtype, device))
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
+    for tokens in args.statistics_tokens:
+        rows.append(bench_statistics(tokens, device))
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     fields = sorted({key for row in rows for key in row} | set(meta))
     os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     with open(args.csv, "w", newline="") as f:
