@@ -1,4 +1,5 @@
-"""Profile.from_budget: respects the budget and covers more attention mass than a uniform window."""
+"""Profile.from_budget: respects the budget and covers more attention mass than a uniform window, on constructed
+statistics and on a GPTNeoX whose heads were engineered to known distance profiles."""
 
 import numpy as np
 import pytest
@@ -74,3 +75,101 @@ def test_missing_distance_histogram_is_a_clear_error():
         hk.Profile.from_budget([{"layer_idx": 0, "head_idx": 0}], mean_tokens=32)
     with pytest.raises(hk.ProfileError, match="mean_tokens"):
         hk.Profile.from_budget(statistics(), mean_tokens=0)
+
+
+# --- a GPTNeoX whose heads have known distance profiles -------------------------------------------------------
+
+BOS = 1
+
+
+def engineered_model():
+    """2 layers x 4 heads of 16 (rotary on 8 dims) whose attention patterns are set by hand, content-free except
+    for the sink head: `sink` looks at the BOS token (position 0), `narrow` at distances <= 2, `wide` at distances
+    up to about 20, `broad` uniformly at everything. Values, MLPs and the LM head keep their random weights."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    heads, head_dim, hidden = 4, 16, 64
+    config = GPTNeoXConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                           intermediate_size=4 * hidden, max_position_embeddings=256, rotary_pct=0.5,
+                           use_parallel_residual=True)
+    config.rope_parameters["partial_rotary_factor"] = 0.5
+    model = GPTNeoXForCausalLM(config).eval()
+    body = model.gpt_neox
+    with torch.no_grad():
+        # Residual dimension 0 marks BOS: only its embedding has it, and no layer writes to it.
+        body.embed_in.weight[:, 0] = 0.0
+        body.embed_in.weight[BOS].zero_()
+        body.embed_in.weight[BOS, 0] = 30.0
+        kinds = (["sink", "narrow", "wide", "broad"], ["broad", "sink", "narrow", "wide"])
+        for layer, names in zip(body.layers, kinds):
+            layer.attention.dense.weight[0] = 0.0
+            layer.attention.dense.bias[0] = 0.0
+            layer.mlp.dense_4h_to_h.weight[0] = 0.0
+            layer.mlp.dense_4h_to_h.bias[0] = 0.0
+            qkv_w, qkv_b = layer.attention.query_key_value.weight, layer.attention.query_key_value.bias
+            for h, kind in enumerate(names):
+                q_rows = slice(3 * head_dim * h, 3 * head_dim * h + head_dim)
+                k_rows = slice(q_rows.stop, q_rows.stop + head_dim)
+                qkv_w[q_rows] = 0.0
+                qkv_w[k_rows] = 0.0
+                qkv_b[q_rows] = 0.0
+                qkv_b[k_rows] = 0.0
+                if kind == "sink":  # non-rotary dim 8: a constant query meets a key only BOS has
+                    qkv_b[q_rows.start + 8] = 3.0
+                    qkv_w[k_rows.start + 8, 0] = 3.0
+                elif kind in ("narrow", "wide"):  # rotary pair (2, 6), frequency 0.01: score a^2 cos(0.01 d) / 4
+                    a = 280.0 if kind == "narrow" else 28.0
+                    qkv_b[q_rows.start + 2] = a
+                    qkv_b[k_rows.start + 2] = a
+    return model, kinds
+
+
+def test_from_budget_on_a_model_with_engineered_heads():
+    """On a GPTNeoX whose heads have known distance profiles, the analysis finds them, from_budget follows them,
+    and at equal mean budget its outputs are closer to the full cache's than a uniform window's or
+    StreamingLLM's (KL of the next-token distributions)."""
+    import torch
+
+    model, kinds = engineered_model()
+    gen = torch.Generator().manual_seed(1)
+    tokens = 128
+    ids = torch.cat([torch.tensor([[BOS]]), torch.randint(2, 64, (1, tokens - 1), generator=gen)], 1)
+    analysis = hk.analyze(model, ids, progress=False)
+    stats = {(s.layer_idx, s.head_idx): s for s in analysis.statistics}
+    for layer, names in enumerate(kinds):
+        for head, kind in enumerate(names):
+            s = stats[(layer, head)]
+            if kind == "sink":
+                assert s.sink_mass_by_size[1] > 0.8, (layer, head, s.sink_mass_by_size)
+            if kind == "narrow":
+                assert sum(s.distance_mass_log2[:3]) > 0.95  # distances 0..3
+            if kind == "broad":
+                assert s.mean_entropy > 3.5
+
+    budget = 16
+    profile = hk.Profile.from_budget(analysis, mean_tokens=budget, length=tokens)
+    assert profile.effective_context(tokens) <= budget
+    for layer, names in enumerate(kinds):
+        policies = {kind: profile.policy(layer, head) for head, kind in enumerate(names)}
+        assert policies["sink"].sink_size >= 1 and policies["sink"].kept_tokens(tokens) <= 8
+        assert policies["narrow"].kept_tokens(tokens) <= 6
+        assert policies["broad"].kept_tokens(tokens) > budget  # what the sharp heads leave goes to the broad one
+
+    with torch.no_grad():
+        full = torch.log_softmax(model(ids).logits, -1)
+
+    def kl_to_full(p):
+        handle = hk.patch_model(model, p, backend="torch")
+        try:
+            with torch.no_grad():
+                logits = torch.log_softmax(model(ids).logits, -1)
+        finally:
+            handle.unpatch()
+        return float(torch.nn.functional.kl_div(logits, full, log_target=True, reduction="none").sum(-1).mean())
+
+    ours = kl_to_full(profile)
+    window = kl_to_full(hk.Profile.window_only(2, 4, window_size=budget))
+    streaming = kl_to_full(hk.Profile.streaming_llm(2, 4, sink_size=4, window_size=budget - 4))
+    assert ours < 0.5 * window and ours < 0.5 * streaming, (ours, window, streaming)
