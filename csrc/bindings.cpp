@@ -23,18 +23,22 @@ PYBIND11_MODULE(_C, m) {
       "decode_attention",
       [](uintptr_t q, uintptr_t q_sink, uintptr_t k_pool, uintptr_t v_pool, uintptr_t base, uintptr_t length,
          uintptr_t sink_size, uintptr_t fill, uintptr_t out, int64_t batch, int64_t heads, int64_t head_dim,
-         int64_t pool_rows, int q_dtype, int kv_dtype, float scale) {
+         int64_t pool_rows, int q_dtype, int kv_dtype, float scale, uintptr_t pos_pool, uintptr_t query_position,
+         int64_t stat_sink, int64_t stat_local, uintptr_t stats) {
         py::gil_scoped_release release;
         headkv::decode_attention(ptr<const void>(q), ptr<const void>(q_sink), ptr<const void>(k_pool),
                                  ptr<const void>(v_pool), ptr<const int64_t>(base), ptr<const int64_t>(length),
                                  ptr<const int64_t>(sink_size), ptr<const float>(fill), ptr<void>(out), batch, heads,
-                                 head_dim, pool_rows, q_dtype, kv_dtype, scale);
+                                 head_dim, pool_rows, q_dtype, kv_dtype, scale, ptr<const int64_t>(pos_pool),
+                                 ptr<const int64_t>(query_position), stat_sink, stat_local, ptr<float>(stats));
       },
       py::arg("q"), py::arg("q_sink"), py::arg("k_pool"), py::arg("v_pool"), py::arg("base"), py::arg("length"),
       py::arg("sink_size"), py::arg("fill"), py::arg("out"), py::arg("batch"), py::arg("heads"), py::arg("head_dim"),
-      py::arg("pool_rows"), py::arg("q_dtype"), py::arg("kv_dtype"), py::arg("scale"),
+      py::arg("pool_rows"), py::arg("q_dtype"), py::arg("kv_dtype"), py::arg("scale"), py::arg("pos_pool") = 0,
+      py::arg("query_position") = 0, py::arg("stat_sink") = 4, py::arg("stat_local") = 8, py::arg("stats") = 0,
       "Ragged decode attention (see headkv_engine.ops.decode_attention). Pointers are data addresses (0 = absent:\n"
-      "q_sink, sink_size, fill); dtype codes: 0 fp32, 1 bf16, 2 fp16.");
+      "q_sink, sink_size, fill, and stats: fp32 [B, H, 3] entropy / sink mass / local mass of the step, which\n"
+      "needs pos_pool and query_position); dtype codes: 0 fp32, 1 bf16, 2 fp16.");
   m.def(
       "prefill_attention",
       [](uintptr_t q, uintptr_t q_sink, uintptr_t k, uintptr_t v, uintptr_t positions, uintptr_t k_pool,

@@ -8,7 +8,9 @@ namespace headkv {
 
 void decode_attention(const void* q, const void* q_sink, const void* k_pool, const void* v_pool, const int64_t* base,
                       const int64_t* length, const int64_t* sink_size, const float* fill, void* out, int64_t batch,
-                      int64_t heads, int64_t head_dim, int64_t pool_rows, int q_dtype, int kv_dtype, float scale);
+                      int64_t heads, int64_t head_dim, int64_t pool_rows, int q_dtype, int kv_dtype, float scale,
+                      const int64_t* pos_pool, const int64_t* query_position, int64_t stat_sink, int64_t stat_local,
+                      float* stats);
 
 void prefill_attention(const void* q, const void* q_sink, const void* k, const void* v, const int64_t* positions,
                        const void* k_pool, const void* v_pool, const int64_t* pos_pool, const int64_t* base,

@@ -26,12 +26,18 @@ def decode_attention(
     q_dtype: int,
     kv_dtype: int,
     scale: float,
+    pos_pool: int = 0,
+    query_position: int = 0,
+    stat_sink: int = 4,
+    stat_local: int = 8,
+    stats: int = 0,
 ) -> None:
     """out[B, H, D] (q_dtype) = softmax(scale * q . K) V over rows base .. base + length of each head.
 
     q, q_sink: [B, H, D]; k_pool, v_pool: [pool_rows, D] (kv_dtype); base, length: [B, H]; sink_size: [H]
     (needed with q_sink: rows with slot < sink_size are scored with q_sink); fill: [H, D], the output of heads
-    with length 0 (zeros when absent).
+    with length 0 (zeros when absent). stats: fp32 [B, H, 3], each head's entropy, mass on positions < stat_sink
+    and mass on positions > query_position[b] - stat_local (pos_pool: int64 [pool_rows]; query_position: [B]).
     """
 
 def prefill_attention(

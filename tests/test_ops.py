@@ -319,12 +319,14 @@ def test_extension_checks_its_arguments():
                                 1, 1, 0, 1, 0, 0, 1.0)
 
 
-def test_decode_statistics_reference():
-    """The step statistics from the reference: a brute-force softmax per head, and their edge cases."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_statistics(isa, dtype):
+    """The step statistics: the reference against a brute-force softmax per head, the cpu kernel against the
+    reference (a 1200-row full head spans three work items, merged), and their edge cases."""
     gen = torch.Generator().manual_seed(11)
-    (k_pool, v_pool, pos_pool), base, length = filled_cache([40, 3], 8, torch.float32, gen)
-    q = torch.randn(2, len(SINKS), 8, generator=gen) * 3
-    query_position = torch.tensor([39, 2])
+    (k_pool, v_pool, pos_pool), base, length = filled_cache([1200, 3], 8, dtype, gen)
+    q = (torch.randn(2, len(SINKS), 8, generator=gen) * 3).to(dtype)
+    query_position = torch.tensor([1199, 2])
     out, stats = ops.decode_attention_reference(q, k_pool, v_pool, base, length, scale=0.5, return_stats=True,
                                                 pos_pool=pos_pool, query_position=query_position, stat_sink=4,
                                                 stat_local=8)
@@ -336,15 +338,16 @@ def test_decode_statistics_reference():
                 assert torch.equal(stats[b, h], torch.zeros(3))
                 continue
             rows = slice(int(base[b, h]), int(base[b, h]) + n)
-            p = torch.softmax(k_pool[rows] @ q[b, h] * 0.5, 0)
+            p = torch.softmax(k_pool[rows].float() @ q[b, h].float() * 0.5, 0)
             pos = pos_pool[rows]
             torch.testing.assert_close(stats[b, h, 0], -(p * p.log()).sum())
             torch.testing.assert_close(stats[b, h, 1], p[pos < 4].sum())
             torch.testing.assert_close(stats[b, h, 2], p[pos > int(query_position[b]) - 8].sum())
     assert float(stats[0, 2, 0]) == 0 and float(stats[0, 2, 2]) == 1  # window 1: one key, the newest
-    with pytest.raises(ValueError, match="return_stats: backend 'cpu'"):
-        ops.decode_attention(q, k_pool, v_pool, base, length, scale=0.5, backend="cpu", return_stats=True,
-                             pos_pool=pos_pool, query_position=query_position)
+    got_out, got = ops.decode_attention(q, k_pool, v_pool, base, length, scale=0.5, backend="cpu", return_stats=True,
+                                        pos_pool=pos_pool, query_position=query_position, stat_sink=4, stat_local=8)
+    assert_close(got_out, out, dtype)
+    torch.testing.assert_close(got, stats, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="query_position"):
         ops.decode_attention(q, k_pool, v_pool, base, length, scale=0.5, backend="torch", return_stats=True,
                              pos_pool=pos_pool, query_position=query_position[:1])

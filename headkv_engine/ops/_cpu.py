@@ -27,7 +27,8 @@ def _ext():
     return ext
 
 
-def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_sink=None, fill=None):
+def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_sink=None, fill=None, stats=None):
+    """stats: None, or (pos_pool [N], query_position [B], stat_sink, stat_local); then returns (out, [B, H, 3])."""
     q, k_pool, v_pool = q.contiguous(), k_pool.contiguous(), v_pool.contiguous()
     base, length = base.contiguous(), length.contiguous()
     q_sink = None if q_sink is None else q_sink.contiguous()
@@ -35,12 +36,18 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
     fill = None if fill is None else fill.float().contiguous()
     out = torch.empty_like(q)
     batch, heads, head_dim = q.shape
+    pos_pool = query_position = stats_out = None
+    stat_sink, stat_local = 4, 8
+    if stats is not None:
+        pos_pool, query_position, stat_sink, stat_local = stats
+        pos_pool, query_position = pos_pool.contiguous(), query_position.contiguous()
+        stats_out = torch.empty(batch, heads, 3, dtype=torch.float32)
     _ext().decode_attention(
         _ptr(q), _ptr(q_sink), _ptr(k_pool), _ptr(v_pool), _ptr(base), _ptr(length), _ptr(sink_size), _ptr(fill),
         _ptr(out), batch, heads, head_dim, k_pool.shape[0], DTYPE_CODES[q.dtype], DTYPE_CODES[k_pool.dtype],
-        float(scale),
+        float(scale), _ptr(pos_pool), _ptr(query_position), int(stat_sink), int(stat_local), _ptr(stats_out),
     )
-    return out
+    return out if stats is None else (out, stats_out)
 
 
 def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size, window_size, scale,

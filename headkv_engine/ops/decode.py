@@ -61,7 +61,7 @@ def decode_attention(
     fill: [H, D] output of heads with no kept rows (zeros when None); max_length: an upper bound of `length`
     known on the host, which spares GPU backends a device synchronisation.
     return_stats: also return fp32 [B, H, 3] (STAT_FIELDS: entropy, sink mass, local mass); needs pos_pool
-    (int64 [N], each row's position) and query_position (int64 [B]); the torch and triton backends compute them.
+    (int64 [N], each row's position) and query_position (int64 [B]).
     """
     check_tensor("q", q, dim=3, dtypes=FLOAT_DTYPES)
     batch, heads, head_dim = q.shape
@@ -80,9 +80,9 @@ def decode_attention(
         check_index("query_position", query_position, (batch,), q.device)
         if stat_sink < 0 or stat_local < 1:
             raise ValueError(f"stat_sink must be >= 0 and stat_local >= 1, got {stat_sink} and {stat_local}")
-        if kind not in ("torch", "triton"):
+        if kind not in ("torch", "triton", "cpu"):
             raise ValueError(f"return_stats: backend {kind!r} does not compute decode statistics; use backend="
-                             "'torch' or 'triton'")
+                             "'torch', 'cpu' or 'triton'")
     if kind == "torch":
         return decode_attention_reference(
             q, k_pool, v_pool, base, length, scale=scale, sink_size=sink_size, q_sink=q_sink, fill=fill,
@@ -97,4 +97,6 @@ def decode_attention(
             q_sink=None if q_sink is None else q_sink.contiguous(),
             fill=None if fill is None else fill.float().contiguous(), max_length=max_length, stats=stats,
         )
-    return _cpu.decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=sink_size, q_sink=q_sink, fill=fill)
+    stats = (pos_pool, query_position, stat_sink, stat_local) if return_stats else None
+    return _cpu.decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=sink_size, q_sink=q_sink, fill=fill,
+                                 stats=stats)
