@@ -20,6 +20,19 @@ HEADKV_INLINE int64_t slot_of(int64_t p, int64_t sink, int64_t window) {
   return p < sink ? p : sink + (p - sink) % window;  // window > 0 here: p >= sink and kept means p > last - W
 }
 
+// fn(i, p, row) for every token i of head (b, h) that is kept: its position p and the pool row it goes to.
+template <class Fn>
+HEADKV_INLINE void for_each_kept(int64_t bh, int64_t heads, int64_t tokens, const int64_t* positions,
+                                 const int64_t* base, const int64_t* sink_size, const int64_t* window_size,
+                                 const std::vector<int64_t>& last, Fn&& fn) {
+  const int64_t b = bh / heads, h = bh % heads;
+  const int64_t sink = sink_size[h], window = window_size[h];
+  for (int64_t i = 0; i < tokens; ++i) {
+    const int64_t p = positions[b * tokens + i];
+    if (kept(p, last[b], sink, window)) fn(i, p, base[bh] + slot_of(p, sink, window));
+  }
+}
+
 }  // namespace
 
 void append(void* k_pool, void* v_pool, int64_t* pos_pool, const int64_t* base, const void* k, const void* v,
@@ -46,16 +59,12 @@ void append(void* k_pool, void* v_pool, int64_t* pos_pool, const int64_t* base, 
   // every row written must be inside the pools (checked before anything is written; so the pools' pointers are
   // valid wherever a row is written)
   for (int64_t bh = 0; bh < batch * heads; ++bh) {
-    const int64_t b = bh / heads, h = bh % heads;
-    const int64_t sink = sink_size[h], window = window_size[h];
-    for (int64_t i = 0; i < tokens; ++i) {
-      const int64_t p = positions[b * tokens + i];
-      if (!kept(p, last[b], sink, window)) continue;
-      const int64_t row = base[bh] + slot_of(p, sink, window);
-      HEADKV_CHECK(row >= 0 && row < pool_rows, "append: position ", p, " of sequence ", b, ", head ", h,
-                   " goes to row ", row, " (base ", base[bh], "), outside the pools' ", pool_rows,
+    auto check = [&](int64_t, int64_t p, int64_t row) {
+      HEADKV_CHECK(row >= 0 && row < pool_rows, "append: position ", p, " of sequence ", bh / heads, ", head ",
+                   bh % heads, " goes to row ", row, " (base ", base[bh], "), outside the pools' ", pool_rows,
                    " rows: reserve capacity >= min(tokens seen, sink + window) per head first");
-    }
+    };
+    for_each_kept(bh, heads, tokens, positions, base, sink_size, window_size, last, check);
   }
   const int64_t in_bytes = kv_dtype == kFloat32 ? 4 : 2;
 #pragma omp parallel
@@ -63,12 +72,8 @@ void append(void* k_pool, void* v_pool, int64_t* pos_pool, const int64_t* base, 
     std::vector<float> row(head_dim);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < batch * heads; ++bh) {
-      const int64_t b = bh / heads, h = bh % heads;
-      const int64_t sink = sink_size[h], window = window_size[h];
-      for (int64_t i = 0; i < tokens; ++i) {
-        const int64_t p = positions[b * tokens + i];
-        if (!kept(p, last[b], sink, window)) continue;
-        const int64_t dst = base[bh] + slot_of(p, sink, window), src = bh * tokens + i;
+      auto write = [&](int64_t i, int64_t p, int64_t dst) {
+        const int64_t src = bh * tokens + i;
         if (new_dtype == kv_dtype) {
           const int64_t bytes = head_dim * in_bytes;
           std::memcpy(static_cast<char*>(k_pool) + dst * bytes, static_cast<const char*>(k) + src * bytes, bytes);
@@ -80,7 +85,8 @@ void append(void* k_pool, void* v_pool, int64_t* pos_pool, const int64_t* base, 
           store_row(v_pool, kv_dtype, dst, head_dim, row.data());
         }
         pos_pool[dst] = p;
-      }
+      };
+      for_each_kept(bh, heads, tokens, positions, base, sink_size, window_size, last, write);
     }
   }
 }

@@ -64,26 +64,6 @@ HEADKV_INLINE void score_rows(const float* q, const float* keys_t, int64_t strid
   }
 }
 
-// exp(x) for x <= 0 (a score minus its row's max) within about 1e-6 relative error for x > -20 (smaller terms
-// are below 2e-9 of the row's largest): a polynomial with no calls, so the row loop vectorizes.
-HEADKV_INLINE float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);  // nearest integer to x / ln 2
-  const float nf = static_cast<float>(n);
-  const float r = x - nf * 0.693359375f + nf * 2.12194440e-4f;  // x - n ln 2, ln 2 in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (n + 127) << 23;  // 2^n
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n;
-}
-
 HEADKV_INLINE double range_sum(const float* e, int64_t lo, int64_t hi) {  // keys [lo, hi)
   double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
@@ -100,7 +80,7 @@ HEADKV_INLINE void add_row(float* row, int64_t t, const Args& a, double* out) {
 #pragma omp simd reduction(+ : l, weighted_logit)
   for (int64_t j = 0; j <= t; ++j) {
     const float shifted = row[j] - m;
-    const float e = exp_nonpositive(shifted);
+    const float e = exp_le0(shifted);
     row[j] = e;
     l += e;
     weighted_logit += static_cast<double>(e) * shifted;
