@@ -46,8 +46,13 @@ def head_curves(stat, sink_size: int):
             "the distance histogram recorded by headkv_engine.analyze"
         )
     bins = np.asarray(bins, dtype=np.float64)
-    windows = 2 ** np.arange(len(bins))  # W = 2^k covers bins 0..k
-    window_mass = np.minimum(np.cumsum(bins), 1.0)
+    # W = 2^k covers bins 0..k exactly; W = 3 * 2^(k-1) also half of bin k + 1 (distances 2^k .. 2^(k+1) - 1),
+    # whose mass is taken as spread evenly over its distances.
+    windows = np.unique(np.concatenate([2 ** np.arange(len(bins)), 3 * 2 ** np.arange(len(bins) - 1)]))
+    lo = np.concatenate([[0], 2 ** np.arange(len(bins) - 1)])  # bin i: distances lo[i] .. hi[i] - 1
+    hi = np.concatenate([[1], 2 ** np.arange(1, len(bins))])
+    share = np.clip((windows[:, None] - lo[None, :]) / (hi - lo)[None, :], 0.0, 1.0)
+    window_mass = np.minimum(share @ bins, 1.0)
     sinks = {0: 0.0}
     by_size = _get(stat, "sink_mass_by_size")
     if by_size:
