@@ -41,7 +41,8 @@ def _head_statistics_kernel(
     q_ptr, k_ptr, recent_start_ptr, out_ptr,
     tokens_q, tokens_k, q_start, scale, sink_size, local_window, min_query, log2_bins, num_blocks, fields,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    LOG2_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    LOG2_PAD: tl.constexpr, PRECISION: tl.constexpr, RELATIVE_BINS: tl.constexpr, REGIONS_AT: tl.constexpr,
+    RELATIVE_AT: tl.constexpr, SINKS_AT: tl.constexpr, LOG2_AT: tl.constexpr,
 ):
     h = tl.program_id(0)
     blk = tl.program_id(1)
@@ -150,5 +151,7 @@ def head_statistics(q, k, recent_start, q_start, scale, sink_size, local_window,
         LOG2_PAD=max(16, triton.next_power_of_2(log2_bins)),
         # fp32 inputs keep fp32 products (no TF32): the statistics are compared with an fp64 definition.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # the layout, as constexpr arguments (compiled kernels may not read module globals)
+        RELATIVE_BINS=RELATIVE_BINS, REGIONS_AT=REGIONS_AT, RELATIVE_AT=RELATIVE_AT, SINKS_AT=SINKS_AT, LOG2_AT=LOG2_AT,
     )
     return partial.double().sum(1)
