@@ -57,3 +57,36 @@ def test_patched_model_on_cuda(position_mode):
     assert cache.stores[0].k_pool.is_cuda
     assert (got - ref).abs().max() <= 1e-3
     assert generated.shape == (2, 13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_head_statistics_long_sequence(dtype):
+    """The Triton statistics kernel at pythia-160m's head shape over 1500 tokens (many query and key tiles)."""
+    heads, head_dim, tokens = 12, 64, 1500
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(heads, tokens, head_dim, device="cuda", generator=gen).to(dtype) for _ in range(2))
+    kwargs = dict(scale=head_dim**-0.5, sink_size=4, local_window=8, recent_ratio=0.1)
+    got = ops.head_statistics(q, k, 0, backend="triton", **kwargs)
+    want = ops.head_statistics(q.float(), k.float(), 0, backend="torch", **kwargs)
+    count = float(want["count"][0])
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-4 * count, rtol=1e-4, msg=key)
+
+
+def test_decode_statistics_long_context():
+    heads, head_dim, context = 32, 80, 8192
+    sink, window, _ = seed_mix_profile(1, heads, head_dim).layer_tensors(0, device="cuda")
+    kept = torch.minimum(torch.tensor(context, device="cuda"), sink + window)[None].contiguous()
+    base = (torch.cumsum(kept.flatten(), 0) - kept.flatten()).view(1, heads)
+    rows = int(kept.sum())
+    k_pool, v_pool = (torch.randn(rows, head_dim, device="cuda", dtype=torch.float16) for _ in range(2))
+    # each head's rows hold its kept positions: sinks 0..S-1, then the last W positions (order does not matter)
+    pos_pool = torch.cat([torch.cat([torch.arange(int(min(s, context)), device="cuda"),
+                                     torch.arange(context - int(n) + int(min(s, context)), context, device="cuda")])
+                          for s, n in zip(sink.tolist(), kept[0].tolist())])
+    q = torch.randn(1, heads, head_dim, device="cuda", dtype=torch.float16)
+    query_position = torch.tensor([context - 1], device="cuda")
+    kwargs = dict(scale=head_dim**-0.5, return_stats=True, pos_pool=pos_pool, query_position=query_position)
+    _, got = ops.decode_attention(q, k_pool, v_pool, base, kept, backend="triton", **kwargs)
+    _, want = ops.decode_attention_reference(q, k_pool, v_pool, base, kept, **kwargs)
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
