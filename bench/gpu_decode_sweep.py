@@ -1,4 +1,4 @@
-"""Sweep of the Triton decode launch parameters (chunk rows, tile rows, warps) at pythia-2.8b shape, seed mix.
+"""Sweep of the Triton decode launch parameters (chunk rows, tile rows, warps, two-pass or fused) at pythia-2.8b shape, seed mix.
 
     python bench/gpu_decode_sweep.py     # CUDA-graph time per configuration, best first
 """
@@ -19,18 +19,19 @@ def main():
         k_pool, v_pool, base, kept, _, _ = ragged_cache(batch, context, torch.float16, torch.device("cuda"))
         q = torch.randn(batch, HEADS, HEAD_DIM, dtype=torch.float16, device="cuda")
         results = []
-        for chunk, block_n, warps in itertools.product((64, 128, 256, 512, 1024), (16, 32, 64, 128), (1, 2, 4, 8)):
+        for chunk, block_n, warps, fused in itertools.product((64, 128, 256, 512, 1024), (16, 32, 64, 128), (1, 2, 4, 8),
+                                                             (False, True)):
             if block_n > chunk:
                 continue
             ms = graph_ms(lambda: decode(q, k_pool, v_pool, base, kept, 0.1, max_length=context, chunk=chunk,
-                                         block_n=block_n, num_warps=warps))
-            results.append((ms, chunk, block_n, warps))
+                                         block_n=block_n, num_warps=warps, fused=fused))
+            results.append((ms, chunk, block_n, warps, fused))
         results.sort()
         default = graph_ms(lambda: decode(q, k_pool, v_pool, base, kept, 0.1, max_length=context))
         gbps = (k_pool.nbytes + v_pool.nbytes) / 1e9
         print(f"batch {batch} context {context}: default {1000 * default:.1f} us; best "
-              + "; ".join(f"{1000 * ms:.1f} us (chunk {c}, block {b}, warps {w}, {gbps / (ms * 1e-3):.0f} GB/s)"
-                          for ms, c, b, w in results[:4]), flush=True)
+              + "; ".join(f"{1000 * ms:.1f} us (chunk {c}, block {b}, warps {w}{', fused' if f else ''}, "
+                          f"{gbps / (ms * 1e-3):.0f} GB/s)" for ms, c, b, w, f in results[:4]), flush=True)
 
 
 if __name__ == "__main__":

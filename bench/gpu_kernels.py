@@ -5,7 +5,8 @@ after the L2 cache is flushed, so its time includes the latency of a cold start;
 call of a graph that runs the op for L layers in a row, each over its own cache (L chosen so that the caches
 together are >= 8x the L2 cache), as a decode step of an L-layer model does.
 Decode: bandwidth = bytes of kept K/V read / time, beside the device-to-device copy bandwidth measured in the
-same run (bytes read + written / time) and the ratio of the two; vs torch SDPA over the dense cache, and vs
+same run (bytes read + written / time) and the ratio of the two, for the two-pass launch (chunks, then merge)
+and the fused one (`*_fused_*`: the last chunk of a head merges); vs torch SDPA over the dense cache, and vs
 flash-attn / FlashInfer when installed. Prefill: a windowed head (sink 4 + window 8 / 24) vs dense causal SDPA.
 Shapes: pythia-2.8b attention (32 heads of 80), the seed's head mix, contexts 1k-64k, batch 1-16.
 
@@ -25,6 +26,7 @@ import triton
 import triton.testing
 
 from headkv_engine import ops
+from headkv_engine.kernel_sources import triton_module
 from headkv_engine.quickstart import seed_mix_profile
 
 HEADS, HEAD_DIM = 32, 80
@@ -73,8 +75,12 @@ def bench_decode(batch, context, dtype, device, copy_bw):
     k_pool, v_pool, base, kept, sink, window = ragged_cache(batch, context, dtype, device)
     q = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype, device=device)
     scale = HEAD_DIM**-0.5
+    launch = triton_module("decode").decode_attention
     def ours_fn():
         return ops.decode_attention(q, k_pool, v_pool, base, kept, scale=scale, backend="triton", max_length=context)
+
+    def fused_fn():  # the one-launch variant of the same kernel
+        return launch(q, k_pool, v_pool, base, kept, scale, max_length=context, fused=True)
 
     kv_bytes = k_pool.nbytes + v_pool.nbytes
     k_dense = torch.randn(batch, HEADS, context, HEAD_DIM, dtype=dtype, device=device)
@@ -84,7 +90,7 @@ def bench_decode(batch, context, dtype, device, copy_bw):
     def sdpa_fn():
         return torch.nn.functional.scaled_dot_product_attention(qd, k_dense, v_dense)
 
-    ours, sdpa = graph_ms(ours_fn), graph_ms(sdpa_fn)
+    ours, fused, sdpa = graph_ms(ours_fn), graph_ms(fused_fn), graph_ms(sdpa_fn)
     # Back to back over L layers' caches (dense caches: the same L, so both read cold memory every call).
     layers = layers_for(kv_bytes, device, cap=max(1, min(32, (8 << 30) // (2 * k_dense.nbytes))))
     caches = [ragged_cache(batch, context, dtype, device)[:4] for _ in range(layers - 1)] + [(k_pool, v_pool, base,
@@ -95,11 +101,16 @@ def bench_decode(batch, context, dtype, device, copy_bw):
         for kp, vp, b, n in caches:
             ops.decode_attention(q, kp, vp, b, n, scale=scale, backend="triton", max_length=context)
 
+    def fused_layers():
+        for kp, vp, b, n in caches:
+            launch(q, kp, vp, b, n, scale, max_length=context, fused=True)
+
     def sdpa_layers():
         for kd, vd in dense:
             torch.nn.functional.scaled_dot_product_attention(qd, kd, vd)
 
     ours_layer, sdpa_layer = graph_ms(ours_layers) / layers, graph_ms(sdpa_layers) / layers
+    fused_layer = graph_ms(fused_layers) / layers
     del dense, caches
     row = {
         "op": "decode", "batch": batch, "context": context, "dtype": str(dtype).replace("torch.", ""),
@@ -111,6 +122,8 @@ def bench_decode(batch, context, dtype, device, copy_bw):
         "bw_ratio": kv_bytes / (ours * 1e-3) / copy_bw,
         "layers": layers, "ours_layer_ms": ours_layer, "sdpa_dense_layer_ms": sdpa_layer,
         "speedup_vs_sdpa_layer": sdpa_layer / ours_layer, "bw_ratio_layer": kv_bytes / (ours_layer * 1e-3) / copy_bw,
+        "ours_fused_ms": fused, "ours_fused_layer_ms": fused_layer,
+        "bw_ratio_fused_layer": kv_bytes / (fused_layer * 1e-3) / copy_bw,
     }
     try:
         from flash_attn import flash_attn_with_kvcache  # noqa: PLC0415

@@ -67,6 +67,31 @@ def test_decode_matches_reference(dtype, with_sink_query):
     torch.testing.assert_close(got[:, 3].float(), fill[3].float().expand(batch, -1), atol=0, rtol=2**-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("chunk", [None, 16], ids=["default-chunks", "many-chunks"])
+def test_fused_decode_matches_reference(dtype, chunk):
+    """The one-launch variant (the last chunk of a head merges): same outputs, and its arrival counters
+    leave no trace between calls."""
+    from headkv_engine.kernel_sources import triton_module
+
+    batch, head_dim = 2, 24
+    (k_pool, v_pool, _), base, length = filled_cache(batch, head_dim, seen=[150, 9], dtype=dtype, seed=3)
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(batch, len(SINKS), head_dim, generator=gen).to(dtype).to(DEVICE)
+    q_sink = torch.randn_like(q)
+    sink, _ = policy()
+    fill = torch.randn(len(SINKS), head_dim, generator=gen).to(DEVICE)
+    launch = triton_module("decode").decode_attention
+    for kwargs in (dict(sink_size=sink, q_sink=q_sink, fill=fill), {}):
+        want = ops.decode_attention_reference(q, k_pool, v_pool, base, length, scale=0.3, **kwargs)
+        for _ in range(2):
+            got = launch(q, k_pool, v_pool, base, length, 0.3, chunk=chunk, block_n=16 if chunk else None, fused=True,
+                         **kwargs)
+            torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    with pytest.raises(ValueError, match="fused"):
+        launch(q, k_pool, v_pool, base, length, 0.3, fused=True, stats=(base, base, 4, 8))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [None, 16], ids=["default-chunks", "many-chunks"])
 def test_decode_statistics_match_reference(dtype, chunk):

@@ -3,7 +3,8 @@
 Work items are (sequence x head, chunk): a long full head is split into chunks of CHUNK rows processed by
 separate programs, a window head is one chunk, and a program whose chunk starts past its head's length
 exits at once, so no program waits on a longer head. A second kernel merges the chunks of each head with
-their log-sum-exp. With WITH_STATS the same pass also yields each head's attention entropy and its mass on the
+their log-sum-exp (or, `fused=True`, one launch: the last chunk of a head to finish merges, counted with an
+atomic). With WITH_STATS the same pass also yields each head's attention entropy and its mass on the
 first positions (sinks) and on the last ones (local): per chunk, sum e*(s - m) and the sums of e over those
 rows (e = exp(s - m)), merged like the normaliser.
 Semantics: headkv_engine/ops/decode.py (`decode_attention_reference`).
@@ -11,6 +12,97 @@ Semantics: headkv_engine/ops/decode.py (`decode_attention_reference`).
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _chunk_pass(q_ptr, qs_ptr, k_ptr, v_ptr, sink_ptr, pos_ptr, qpos_ptr, bh, base, start, stop, scale, num_heads,
+                stat_sink, stat_local, d, d_ok,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QSINK: tl.constexpr,
+                WITH_STATS: tl.constexpr):
+    """Online softmax over rows start..stop of head bh: (acc, m, l) and, with WITH_STATS, the sums of
+    e * (s - m), of e over the sink rows and of e over the local rows (else zeros)."""
+    q = tl.load(q_ptr + bh * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+    qs = q
+    sink = 0
+    if HAS_QSINK:
+        qs = tl.load(qs_ptr + bh * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+        sink = tl.load(sink_ptr + bh % num_heads)
+    m = float("-inf")
+    l = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    t = 0.0  # sum of e * (s - m)
+    sink_e = 0.0
+    local_e = 0.0
+    q_pos = 0
+    if WITH_STATS:
+        q_pos = tl.load(qpos_ptr + bh // num_heads)
+    for row0 in range(start, stop, BLOCK_N):
+        rows = row0 + tl.arange(0, BLOCK_N)
+        r_ok = rows < stop
+        offs = (base + rows)[:, None] * HEAD_DIM + d[None, :]
+        ok = r_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], axis=1) * scale
+        if HAS_QSINK:
+            s_sink = tl.sum(k * qs[None, :], axis=1) * scale
+            s = tl.where(rows < sink, s_sink, s)
+        s = tl.where(r_ok, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        if WITH_STATS:
+            pos = tl.load(pos_ptr + base + rows, mask=r_ok, other=-1)
+            # e * (s - m_new) summed, the running part shifted from m to m_new first (l is its sum of e)
+            t = alpha * (t + tl.where(l > 0, m - m_new, 0.0) * l) + tl.sum(p * tl.where(r_ok, s - m_new, 0.0), axis=0)
+            sink_e = sink_e * alpha + tl.sum(tl.where(r_ok & (pos < stat_sink), p, 0.0), axis=0)
+            local_e = local_e * alpha + tl.sum(tl.where(r_ok & (pos > q_pos - stat_local), p, 0.0), axis=0)
+        l = l * alpha + tl.sum(p, axis=0)
+        m = m_new
+    return acc, m, l, t, sink_e, local_e
+
+
+@triton.jit
+def _merge_chunks(part_o_ptr, part_m_ptr, part_l_ptr, out_ptr, part_stats_ptr, stats_ptr, bh, num_chunks, live_chunks,
+                  d, d_ok, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr, WITH_STATS: tl.constexpr):
+    """Head bh's output (and statistics) from its first `live_chunks` partials, by their log-sum-exp."""
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < live_chunks
+    m = tl.load(part_m_ptr + bh * num_chunks + c, mask=c_ok, other=float("-inf"))
+    l = tl.load(part_l_ptr + bh * num_chunks + c, mask=c_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    live = c_ok & (m > float("-inf"))
+    w = tl.where(live, tl.exp(m - m_max), 0.0)
+    o = tl.load(part_o_ptr + (bh * num_chunks + c)[:, None] * HEAD_DIM + d[None, :], mask=live[:, None] & d_ok[None, :],
+                other=0.0)
+    total = tl.sum(l * w, axis=0)
+    out = tl.sum(o * w[:, None], axis=0) / total
+    tl.store(out_ptr + bh * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    if WITH_STATS:
+        stat = part_stats_ptr + (bh * num_chunks + c) * 3
+        t = tl.load(stat + 0, mask=live, other=0.0)
+        shift = tl.where(live, m - m_max, 0.0) * l  # each chunk's sum of e * (s - m) moved to the common max
+        # entropy = -sum p log p with p = e / total and log p = (s - m_max) - log(total)
+        entropy = tl.log(total) - tl.sum(w * (t + shift), axis=0) / total
+        sink_mass = tl.sum(w * tl.load(stat + 1, mask=live, other=0.0), axis=0) / total
+        local_mass = tl.sum(w * tl.load(stat + 2, mask=live, other=0.0), axis=0) / total
+        tl.store(stats_ptr + bh * 3 + 0, entropy)
+        tl.store(stats_ptr + bh * 3 + 1, sink_mass)
+        tl.store(stats_ptr + bh * 3 + 2, local_mass)
+
+
+@triton.jit
+def _store_fill(fill_ptr, out_ptr, stats_ptr, bh, num_heads, d, d_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                HAS_FILL: tl.constexpr, WITH_STATS: tl.constexpr):
+    """The output of a head that keeps nothing: its fill (never 0/0); statistics of attention over nothing: 0."""
+    if HAS_FILL:
+        fill = tl.load(fill_ptr + (bh % num_heads) * HEAD_DIM + d, mask=d_ok, other=0.0)
+    else:
+        fill = tl.zeros([BLOCK_D], dtype=tl.float32)
+    tl.store(out_ptr + bh * HEAD_DIM + d, fill.to(out_ptr.dtype.element_ty), mask=d_ok)
+    if WITH_STATS:
+        tl.store(stats_ptr + bh * 3 + tl.arange(0, 4), tl.zeros([4], tl.float32), mask=tl.arange(0, 4) < 3)
 
 
 @triton.jit
@@ -31,47 +123,12 @@ def _decode_chunk_kernel(
         tl.store(part_m_ptr + part, float("-inf"))
         tl.store(part_l_ptr + part, 0.0)
         return
-    base = tl.load(base_ptr + bh)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q = tl.load(q_ptr + bh * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
-    if HAS_QSINK:
-        qs = tl.load(qs_ptr + bh * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
-        sink = tl.load(sink_ptr + bh % num_heads)
-    m = float("-inf")
-    l = 0.0
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if WITH_STATS:
-        q_pos = tl.load(qpos_ptr + bh // num_heads)
-        t = 0.0  # sum of e * (s - m)
-        sink_e = 0.0
-        local_e = 0.0
-    stop = tl.minimum(start + CHUNK, length)
-    for row0 in range(start, stop, BLOCK_N):
-        rows = row0 + tl.arange(0, BLOCK_N)
-        r_ok = rows < stop
-        offs = (base + rows)[:, None] * HEAD_DIM + d[None, :]
-        ok = r_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        s = tl.sum(k * q[None, :], axis=1) * scale
-        if HAS_QSINK:
-            s_sink = tl.sum(k * qs[None, :], axis=1) * scale
-            s = tl.where(rows < sink, s_sink, s)
-        s = tl.where(r_ok, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=0))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new)
-        v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        l_new = l * alpha + tl.sum(p, axis=0)
-        if WITH_STATS:
-            pos = tl.load(pos_ptr + base + rows, mask=r_ok, other=-1)
-            # e * (s - m_new) summed, the running part shifted from m to m_new first (l is its sum of e)
-            t = alpha * (t + tl.where(l > 0, m - m_new, 0.0) * l) + tl.sum(p * tl.where(r_ok, s - m_new, 0.0), axis=0)
-            sink_e = sink_e * alpha + tl.sum(tl.where(r_ok & (pos < stat_sink), p, 0.0), axis=0)
-            local_e = local_e * alpha + tl.sum(tl.where(r_ok & (pos > q_pos - stat_local), p, 0.0), axis=0)
-        l = l_new
-        m = m_new
+    acc, m, l, t, sink_e, local_e = _chunk_pass(
+        q_ptr, qs_ptr, k_ptr, v_ptr, sink_ptr, pos_ptr, qpos_ptr, bh, tl.load(base_ptr + bh), start,
+        tl.minimum(start + CHUNK, length), scale, num_heads, stat_sink, stat_local, d, d_ok,
+        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_QSINK, WITH_STATS)
     if WITH_STATS:
         tl.store(part_stats_ptr + part * 3 + 0, t)
         tl.store(part_stats_ptr + part * 3 + 1, sink_e)
@@ -90,47 +147,60 @@ def _decode_merge_kernel(
     bh = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    c = tl.arange(0, BLOCK_C)
-    c_ok = c < num_chunks
-    m = tl.load(part_m_ptr + bh * num_chunks + c, mask=c_ok, other=float("-inf"))
-    l = tl.load(part_l_ptr + bh * num_chunks + c, mask=c_ok, other=0.0)
-    m_max = tl.max(m, axis=0)
-    if m_max == float("-inf"):  # the head keeps nothing: its fill, never 0/0
-        if HAS_FILL:
-            fill = tl.load(fill_ptr + (bh % num_heads) * HEAD_DIM + d, mask=d_ok, other=0.0)
+    first_m = tl.load(part_m_ptr + bh * num_chunks)  # chunk 0 is empty only when the head keeps nothing
+    if first_m == float("-inf"):
+        _store_fill(fill_ptr, out_ptr, stats_ptr, bh, num_heads, d, d_ok, HEAD_DIM, BLOCK_D, HAS_FILL, WITH_STATS)
+    else:
+        _merge_chunks(part_o_ptr, part_m_ptr, part_l_ptr, out_ptr, part_stats_ptr, stats_ptr, bh, num_chunks,
+                      num_chunks, d, d_ok, HEAD_DIM, BLOCK_C, WITH_STATS)
+
+
+@triton.jit
+def _decode_fused_kernel(
+    q_ptr, qs_ptr, k_ptr, v_ptr, base_ptr, len_ptr, sink_ptr, fill_ptr, out_ptr,
+    part_o_ptr, part_m_ptr, part_l_ptr, arrived_ptr,
+    scale, num_heads, num_chunks,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_QSINK: tl.constexpr, HAS_FILL: tl.constexpr,
+):
+    """One launch: a head of one chunk writes its output at once; the chunks of a longer head write partials,
+    count themselves in arrived[bh], and the last to arrive merges them."""
+    bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    length = tl.load(len_ptr + bh)
+    head_chunks = tl.cdiv(length, CHUNK)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    if length == 0:
+        if chunk == 0:
+            _store_fill(fill_ptr, out_ptr, out_ptr, bh, num_heads, d, d_ok, HEAD_DIM, BLOCK_D, HAS_FILL, False)
+    elif chunk < head_chunks:
+        start = chunk * CHUNK
+        acc, m, l, _t, _s, _l = _chunk_pass(
+            q_ptr, qs_ptr, k_ptr, v_ptr, sink_ptr, len_ptr, len_ptr, bh, tl.load(base_ptr + bh), start,
+            tl.minimum(start + CHUNK, length), scale, num_heads, 0, 1, d, d_ok,
+            HEAD_DIM, BLOCK_D, BLOCK_N, HAS_QSINK, False)
+        if head_chunks == 1:
+            tl.store(out_ptr + bh * HEAD_DIM + d, (acc / l).to(out_ptr.dtype.element_ty), mask=d_ok)
         else:
-            fill = tl.zeros([BLOCK_D], dtype=tl.float32)
-        tl.store(out_ptr + bh * HEAD_DIM + d, fill.to(out_ptr.dtype.element_ty), mask=d_ok)
-        if WITH_STATS:  # attention over nothing: entropy 0, no mass anywhere
-            tl.store(stats_ptr + bh * 3 + tl.arange(0, 4), tl.zeros([4], tl.float32), mask=tl.arange(0, 4) < 3)
-        return
-    w = tl.where(c_ok & (m > float("-inf")), tl.exp(m - m_max), 0.0)
-    o = tl.load(part_o_ptr + (bh * num_chunks + c)[:, None] * HEAD_DIM + d[None, :],
-                mask=(c_ok & (m > float("-inf")))[:, None] & d_ok[None, :], other=0.0)
-    total = tl.sum(l * w, axis=0)
-    out = tl.sum(o * w[:, None], axis=0) / total
-    tl.store(out_ptr + bh * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
-    if WITH_STATS:
-        live = c_ok & (m > float("-inf"))
-        stat = part_stats_ptr + (bh * num_chunks + c) * 3
-        t = tl.load(stat + 0, mask=live, other=0.0)
-        shift = tl.where(live, m - m_max, 0.0) * l  # each chunk's sum of e * (s - m) moved to the common max
-        # entropy = -sum p log p with p = e / total and log p = (s - m_max) - log(total)
-        entropy = tl.log(total) - tl.sum(w * (t + shift), axis=0) / total
-        sink_mass = tl.sum(w * tl.load(stat + 1, mask=live, other=0.0), axis=0) / total
-        local_mass = tl.sum(w * tl.load(stat + 2, mask=live, other=0.0), axis=0) / total
-        tl.store(stats_ptr + bh * 3 + 0, entropy)
-        tl.store(stats_ptr + bh * 3 + 1, sink_mass)
-        tl.store(stats_ptr + bh * 3 + 2, local_mass)
+            part = bh * num_chunks + chunk
+            tl.store(part_o_ptr + part * HEAD_DIM + d, acc, mask=d_ok)
+            tl.store(part_m_ptr + part, m)
+            tl.store(part_l_ptr + part, l)
+            # acq_rel: this program's partials are visible to whichever program arrives last, and that one sees all
+            if tl.atomic_add(arrived_ptr + bh, 1, sem="acq_rel") == head_chunks - 1:
+                _merge_chunks(part_o_ptr, part_m_ptr, part_l_ptr, out_ptr, part_m_ptr, part_m_ptr, bh, num_chunks,
+                              head_chunks, d, d_ok, HEAD_DIM, BLOCK_C, False)
 
 
 def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_sink=None, fill=None,
-                     max_length=None, chunk=None, block_n=None, num_warps=None, stats=None):
+                     max_length=None, chunk=None, block_n=None, num_warps=None, stats=None, fused=False):
     """Launch: q [B, H, D] contiguous, pools [N, D], base/length int64 [B, H]; returns [B, H, D].
 
     max_length (an upper bound of `length` known on the host) avoids a device synchronisation. stats:
     None, or (pos_pool [N], query_position [B], sink_tokens, local_window); then returns (out, [B, H, 3] fp32
-    entropy / sink mass / local mass).
+    entropy / sink mass / local mass). fused: one launch (the last chunk of a head merges) instead of a chunk
+    pass and a merge pass; without stats only.
     """
     import torch  # noqa: PLC0415
 
@@ -152,6 +222,18 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
     out = torch.empty_like(q)
     has_qsink = q_sink is not None
     with_stats = stats is not None
+    if fused:
+        if with_stats:
+            raise ValueError("fused: the step statistics are computed by the two-pass launch only")
+        arrived = torch.zeros(rows, device=q.device, dtype=torch.int32)
+        _decode_fused_kernel[(rows, num_chunks)](
+            q, q_sink if has_qsink else q, k_pool, v_pool, base, length, sink_size if has_qsink else base,
+            fill if fill is not None else q, out, part_o, part_m, part_l, arrived, scale, heads, num_chunks,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
+            BLOCK_C=triton.next_power_of_2(num_chunks), HAS_QSINK=has_qsink, HAS_FILL=fill is not None,
+            **({"num_warps": num_warps} if num_warps else {}),
+        )
+        return out
     if with_stats:
         pos_pool, query_position, stat_sink, stat_local = stats
         part_stats = torch.empty(rows, num_chunks, 3, device=q.device, dtype=torch.float32)
