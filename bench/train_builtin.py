@@ -251,7 +251,7 @@ def cmd_train(args):
         opt.load_state_dict(state["opt"])
         step, log = state["step"], state["log"]
         schedule = state.get("schedule", schedule)
-        elapsed = state.get("elapsed_s", 0.0)
+        elapsed = state.get("elapsed_s") or estimated_seconds(log)  # checkpoints of early versions lack it
         if args.restart:
             schedule = {"start": step, "end": args.steps}
         print(f"resumed at step {step}, schedule {schedule}", flush=True)
