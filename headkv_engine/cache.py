@@ -7,8 +7,9 @@ and a position per row. Head (b, h) owns rows `base[b, h] .. base[b, h] + capaci
     p                  if p < S          sinks, pinned
     S + (p - S) mod W  otherwise         the window, a ring overwritten in place
 
-(full heads: W unbounded, so slot = p; pruned heads own no rows). Capacity grows by a quarter, capped at S + W,
-so appends are amortised O(1) and nothing is copied per step once a window head is full.
+(full heads: W unbounded, so slot = p; pruned heads own no rows). Capacity grows by an eighth, 16 to 256 rows at a
+time, capped at S + W, so a full head holds little unused room, a decode step copies nothing until a head runs out,
+and nothing is copied per step once a window head is full.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from headkv_engine import ops
 from headkv_engine.profile import Profile
 
 GROWTH_MIN_ROWS = 16
+GROWTH_MAX_ROWS = 256
 
 
 @dataclass
@@ -61,10 +63,12 @@ class LayerStore:
         """Make capacity >= needed [B, H], growing geometrically (capped at S + W) and moving the written rows."""
         if bool((needed <= self.capacity).all()):
             return
-        # Geometric growth by 1/4 (at least GROWTH_MIN_ROWS): amortised O(1) appends while a long full
-        # head never holds more than 25% unused rows, which doubling would allow up to 100%.
-        # The first allocation (a prefill) is exact.
-        step = torch.where(self.capacity > 0, torch.clamp(self.capacity // 4, min=GROWTH_MIN_ROWS), 0)
+        # Growth by 1/8 of the capacity, GROWTH_MIN_ROWS to GROWTH_MAX_ROWS at a time: a full head holds at most
+        # 12.5% (and at most 256 rows) unused, and during decode the pool is moved once per >= 16 steps (once per
+        # 256 steps on long contexts), a copy that costs about what one step's attention over it reads. The
+        # first allocation (a prefill) and any block larger than the step are exact.
+        step = torch.where(self.capacity > 0,
+                           torch.clamp(self.capacity // 8, min=GROWTH_MIN_ROWS, max=GROWTH_MAX_ROWS), 0)
         grown = torch.maximum(needed, self.capacity + step)
         new_capacity = torch.where(needed > self.capacity, torch.minimum(grown, self.max_kept[None, :]), self.capacity)
         new_base = (torch.cumsum(new_capacity.flatten(), 0) - new_capacity.flatten()).view_as(new_capacity)
