@@ -7,7 +7,8 @@ keys j < s, or the `sink` share of `position_preference` at the analysed sink si
 about sink_mass(S) + window_mass(W) of a head's attention and costs S + W kept tokens; a full head covers all
 of it and costs the context length. The allocation maximises the summed covered mass under
 mean(S + W) <= B with a Lagrange multiplier found by bisection: each head independently takes the policy
-maximising covered - lambda * cost, and lambda is the smallest for which the mean cost fits the budget.
+maximising covered - lambda * cost, and lambda is the smallest for which the mean cost fits the budget; what
+that leaves of the budget then goes, greedily, to the upgrades that add the most mass per token.
 """
 
 from __future__ import annotations
@@ -88,7 +89,28 @@ def allocate(curves, mean_tokens: float, length: int):
     picks, cost = choose(high)
     if cost > mean_tokens:
         raise ProfileError(f"mean_tokens: a budget of {mean_tokens} is below the smallest policy of every head")
-    return picks
+    return _fill(options, picks, mean_tokens * len(picks) - sum(p[3] for p in picks))
+
+
+def _fill(options, picks, spare: float):
+    """Spend what the Lagrangian solution leaves of the budget: repeatedly take the upgrade of one head that
+    fits and adds the most covered mass per extra token."""
+    picks = list(picks)
+    while True:
+        best = None
+        for i, head in enumerate(options):
+            _, _, mass, cost = picks[i]
+            for option in head:
+                extra = option[3] - cost
+                if 0 < extra <= spare and option[2] > mass + 1e-12:
+                    gain = (option[2] - mass) / extra
+                    if best is None or gain > best[0]:
+                        best = (gain, i, option)
+        if best is None:
+            return picks
+        _, i, option = best
+        spare -= option[3] - picks[i][3]
+        picks[i] = option
 
 
 def from_budget(statistics, mean_tokens: float, length: int | None = None, sink_size: int | None = None) -> Profile:

@@ -54,6 +54,8 @@ def test_budget_respected_and_beats_uniform(budget):
     stats = statistics()
     profile = hk.Profile.from_budget(stats, mean_tokens=budget, length=LENGTH)
     assert profile.effective_context(LENGTH) <= budget
+    if budget <= 32:  # every head still has mass to gain from a few more tokens: the budget is spent to the token
+        assert profile.effective_context(LENGTH) == budget
     uniform = hk.Profile.streaming_llm(2, 4, sink_size=4, window_size=budget - 4) if budget > 4 else None
     uniform_w = hk.Profile.window_only(2, 4, window_size=budget)
     assert covered(profile, stats) >= covered(uniform_w, stats) - 1e-9
