@@ -3,17 +3,22 @@ mean budget of kept tokens (seed 004's "learned window allocation" direction).
 
 The analysis records, per head, how its attention mass falls with distance (`distance_mass_log2`: bin 0 is
 distance 0, bin i >= 1 distances in [2^(i-1), 2^i)) and on the first tokens (`sink_mass_by_size`, mass on
-keys j < s, or the `sink` share of `position_preference` at the analysed sink size). A policy (S, W) covers
-about sink_mass(S) + window_mass(W) of a head's attention and costs S + W kept tokens; a full head covers all
-of it and costs the context length. The allocation maximises the summed covered mass under
-mean(S + W) <= B with a Lagrange multiplier found by bisection: each head independently takes the policy
-maximising covered - lambda * cost, and lambda is the smallest for which the mean cost fits the budget; what
-that leaves of the budget then goes, greedily, to the upgrades that add the most mass per token.
+keys j < s), overall and by octave of query positions (`mass_by_query_position`). A policy (S, W) costs S + W
+kept tokens and covers, of the queries a context of `length` tokens has, all the mass of those at q < S + W
+and sink_mass(S) + window_mass(W) of the later ones; a full head covers all of it and costs `length`.
+
+Mass is counted on a log scale: a head that keeps `c` of its attention mass attends to its kept keys with the
+full probabilities divided by c, a KL divergence of -log(c) from its full attention. The allocation minimises
+the summed divergence under mean(S + W) <= B with a Lagrange multiplier found by bisection: each head
+independently takes the policy minimising divergence + lambda * cost, and lambda is the smallest for which the
+mean cost fits the budget; what that leaves of the budget then goes, greedily, to the upgrades that lower the
+divergence the most per token.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 
@@ -38,22 +43,25 @@ def _load(statistics):
     return list(statistics), {}
 
 
-def head_curves(stat, sink_size: int):
-    """(window sizes, window mass) and {sink size: sink mass} of one head."""
-    bins = _get(stat, "distance_mass_log2")
-    if bins is None:
-        raise ProfileError(
-            f"distance_mass_log2 (layer {_get(stat, 'layer_idx')}, head {_get(stat, 'head_idx')}): from_budget needs "
-            "the distance histogram recorded by headkv_engine.analyze"
-        )
-    bins = np.asarray(bins, dtype=np.float64)
-    # W = 2^k covers bins 0..k exactly; W = 3 * 2^(k-1) also half of bin k + 1 (distances 2^k .. 2^(k+1) - 1),
-    # whose mass is taken as spread evenly over its distances.
-    windows = np.unique(np.concatenate([2 ** np.arange(len(bins)), 3 * 2 ** np.arange(len(bins) - 1)]))
+def _window_grid(bins: int) -> np.ndarray:
+    """Window sizes 2^k and 3 * 2^k that the log2 histogram of `bins` bins can price."""
+    return np.unique(np.concatenate([2 ** np.arange(bins), 3 * 2 ** np.arange(bins - 1)]))
+
+
+def _window_mass(histogram, windows: np.ndarray) -> np.ndarray:
+    """Mass at distances < W for every window W of `windows`, from a log2 distance histogram.
+
+    W = 2^k covers bins 0..k exactly; W = 3 * 2^(k-1) also half of bin k + 1 (distances 2^k .. 2^(k+1) - 1),
+    whose mass is taken as spread evenly over its distances."""
+    bins = np.asarray(histogram, dtype=np.float64)
     lo = np.concatenate([[0], 2 ** np.arange(len(bins) - 1)])  # bin i: distances lo[i] .. hi[i] - 1
     hi = np.concatenate([[1], 2 ** np.arange(1, len(bins))])
     share = np.clip((windows[:, None] - lo[None, :]) / (hi - lo)[None, :], 0.0, 1.0)
-    window_mass = np.minimum(share @ bins, 1.0)
+    return np.minimum(share @ bins, 1.0)
+
+
+def _sink_mass(stat, sink_size: int) -> dict:
+    """{sink size: mass on the first sink size keys}, 0 included."""
     sinks = {0: 0.0}
     by_size = _get(stat, "sink_mass_by_size")
     if by_size:
@@ -61,20 +69,74 @@ def head_curves(stat, sink_size: int):
     else:
         preference = _get(stat, "position_preference") or {}
         sinks[sink_size] = float(preference.get("sink", _get(stat, "sink_ratio", 0.0)))
-    return windows, window_mass, sinks
+    return sinks
 
 
-def allocate(curves, mean_tokens: float, length: int):
-    """Per head (S, W, full?) maximising covered mass under mean(S + W) <= mean_tokens."""
-    options = []
-    for windows, window_mass, sinks in curves:
-        head = [(s, int(w), min(1.0, sm + wm), s + int(w)) for s, sm in sinks.items() for w, wm in zip(windows, window_mass)
-                if s + w < length]
-        head.append((0, None, 1.0, length))  # full
-        options.append(head)
+def head_options(stat, sink_size: int, length: int) -> list[tuple]:
+    """Every policy one head can take for a context of `length` tokens: (sink, window or None for full,
+    covered mass, cost in kept tokens).
+
+    With `mass_by_query_position` (what the analysis records), the mass is taken over the queries a context of
+    `length` tokens has: a query at q < S + W keeps every key (covered 1), a later one covers the sink mass
+    plus the window mass of its octave (disjoint there). Without it, sink plus window mass of all queries."""
+    histogram = _get(stat, "distance_mass_log2")
+    if histogram is None:
+        raise ProfileError(
+            f"distance_mass_log2 (layer {_get(stat, 'layer_idx')}, head {_get(stat, 'head_idx')}): from_budget needs "
+            "the distance histogram recorded by headkv_engine.analyze"
+        )
+    windows = _window_grid(len(histogram))
+    sinks = _sink_mass(stat, sink_size)
+    octaves = [o for o in (_get(stat, "mass_by_query_position") or []) if o["positions"][0] < length]
+    if octaves:
+        covered = _covered_by_octave(octaves, windows, sorted(sinks), length)
+    else:
+        window_mass = _window_mass(histogram, windows)
+        covered = np.minimum(1.0, np.array([[sinks[s] + m for m in window_mass] for s in sorted(sinks)]))
+    options = [(s, int(w), float(covered[i, k]), s + int(w)) for i, s in enumerate(sorted(sinks))
+               for k, w in enumerate(windows) if s + w < length]
+    options.append((0, None, 1.0, length))  # full
+    return options
+
+
+def _covered_by_octave(octaves: list, windows: np.ndarray, sink_sizes: list, length: int) -> np.ndarray:
+    """Covered mass [sink size, window] over the analysed queries at positions < length, octave by octave
+    (queries taken as spread evenly over an octave's positions)."""
+    low = np.array([o["positions"][0] for o in octaves], dtype=np.float64)
+    high = np.minimum([o["positions"][1] for o in octaves], length).astype(np.float64)
+    weight = np.array([o["num_queries"] for o in octaves], dtype=np.float64) * (high - low) / (
+        np.array([o["positions"][1] for o in octaves], dtype=np.float64) - low)
+    window_mass = np.stack([_window_mass(o["distance_mass_log2"], windows) for o in octaves])  # [O, W]
+    by_size = [{int(s): float(m) for s, m in o["sink_mass_by_size"].items()} for o in octaves]  # JSON: str keys
+    sink_mass = np.array([[0.0 if s == 0 else sizes.get(s, np.nan) for s in sink_sizes] for sizes in by_size])
+    if np.isnan(sink_mass).any():
+        raise ProfileError(f"mass_by_query_position: every octave needs sink_mass_by_size for sizes {sink_sizes[1:]}")
+    kept = np.array(sink_sizes, dtype=np.float64)[:, None] + windows[None, :]  # S + W: [S, W]
+    # share of an octave's queries at q < S + W, which keep every key
+    whole = np.clip((kept[None] - low[:, None, None]) / (high - low)[:, None, None], 0.0, 1.0)  # [O, S, W]
+    partial = np.minimum(1.0, sink_mass[:, :, None] + window_mass[:, None, :])
+    covered = whole + (1.0 - whole) * partial
+    return np.tensordot(weight, covered, axes=1) / weight.sum()
+
+
+# Coverage below this counts as this (a head that keeps nothing it attends to); log(1e-6) = -13.8.
+MIN_COVERED = 1e-6
+
+
+def kl_divergence(covered: float) -> float:
+    """KL(kept || full) of an attention row that keeps `covered` of its mass: the kept keys' probabilities are
+    the full ones divided by `covered`, so the divergence is -log(covered)."""
+    return -math.log(max(covered, MIN_COVERED))
+
+
+def allocate(options: list[list[tuple]], mean_tokens: float) -> list[tuple]:
+    """Per head, the option of `options` (head_options) minimising the summed KL divergence of the heads' kept
+    attention from their full attention, -log(covered mass), under mean(cost) <= mean_tokens. (A plain sum of
+    covered mass would starve heads whose last percents are cheap for another head to buy: the divergence
+    grows without bound as a head's coverage falls.)"""
 
     def choose(lam):
-        picks = [max(head, key=lambda o: (o[2] - lam * o[3], -o[3])) for head in options]
+        picks = [min(head, key=lambda o: (kl_divergence(o[2]) + lam * o[3], o[3])) for head in options]
         return picks, sum(p[3] for p in picks) / len(picks)
 
     low, high = 0.0, 1.0
@@ -94,7 +156,7 @@ def allocate(curves, mean_tokens: float, length: int):
 
 def _fill(options, picks, spare: float):
     """Spend what the Lagrangian solution leaves of the budget: repeatedly take the upgrade of one head that
-    fits and adds the most covered mass per extra token."""
+    fits and lowers the divergence the most per extra token."""
     picks = list(picks)
     while True:
         best = None
@@ -102,10 +164,9 @@ def _fill(options, picks, spare: float):
             _, _, mass, cost = picks[i]
             for option in head:
                 extra = option[3] - cost
-                if 0 < extra <= spare and option[2] > mass + 1e-12:
-                    gain = (option[2] - mass) / extra
-                    if best is None or gain > best[0]:
-                        best = (gain, i, option)
+                gain = kl_divergence(mass) - kl_divergence(option[2])
+                if 0 < extra <= spare and gain > 1e-12 and (best is None or gain / extra > best[0]):
+                    best = (gain / extra, i, option)
         if best is None:
             return picks
         _, i, option = best
@@ -125,9 +186,8 @@ def from_budget(statistics, mean_tokens: float, length: int | None = None, sink_
     if mean_tokens <= 0:
         raise ProfileError(f"mean_tokens: expected a positive budget, got {mean_tokens}")
     sink_size = sink_size or int(info.get("sink_size", 4))
-    curves = [head_curves(s, sink_size) for s in stats]
-    length = length or int(2 ** (len(curves[0][0]) - 1))
-    picks = allocate(curves, mean_tokens, length)
+    length = length or int(2 ** (len(_get(stats[0], "distance_mass_log2") or [1]) - 1))
+    picks = allocate([head_options(s, sink_size, length) for s in stats], mean_tokens)
     layers = 1 + max(int(_get(s, "layer_idx")) for s in stats)
     heads = 1 + max(int(_get(s, "head_idx")) for s in stats)
     policies = {}

@@ -109,6 +109,22 @@ def result():
                       progress=False)
 
 
+def test_mass_by_query_position_adds_up_to_the_overall_means(result):
+    for stat in result.statistics:
+        octaves = stat.mass_by_query_position
+        assert [o["positions"] for o in octaves] == [[8, 16], [16, 32], [32, 64]]  # queries 12 .. 59
+        counts = torch.tensor([o["num_queries"] for o in octaves], dtype=torch.float64)
+        assert counts.tolist() == [2 * 4, 2 * 16, 2 * 28] and counts.sum() == stat.num_queries  # 2 sequences
+        width = len(stat.distance_mass_log2)
+        histograms = torch.tensor([o["distance_mass_log2"] + [0.0] * (width - len(o["distance_mass_log2"]))
+                                   for o in octaves], dtype=torch.float64)
+        assert (counts @ histograms / counts.sum()).tolist() == pytest.approx(stat.distance_mass_log2, abs=1e-12)
+        for size, mass in stat.sink_mass_by_size.items():
+            by_octave = torch.tensor([o["sink_mass_by_size"][size] for o in octaves], dtype=torch.float64)
+            assert float(counts @ by_octave / counts.sum()) == pytest.approx(mass, abs=1e-12)
+        assert len(octaves[0]["distance_mass_log2"]) == (15).bit_length() + 1  # distances < 16 in [8, 16)
+
+
 def test_statistics_file_documents_its_fields_and_old_files_load(result, tmp_path):
     path = result.save(tmp_path)
     data = json.loads(open(path).read())
@@ -119,11 +135,12 @@ def test_statistics_file_documents_its_fields_and_old_files_load(result, tmp_pat
     assert len(entry["distance_mass_log2"]) == (60 - 1).bit_length() + 1
     # a seed-format file: no optional histograms, no definitions
     for e in data["head_statistics"]:
-        del e["distance_mass_log2"], e["sink_mass_by_size"], e["num_queries"]
+        del e["distance_mass_log2"], e["sink_mass_by_size"], e["mass_by_query_position"], e["num_queries"]
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"model_info": data["model_info"], "head_statistics": data["head_statistics"]}))
     stats, info = load_statistics(old)
     assert stats[0].distance_mass_log2 is None and stats[0].sink_mass_by_size is None
+    assert stats[0].mass_by_query_position is None
     assert "distance_mass_log2" not in stats[0].to_dict()
     assert [c.head_type for c in hk.classify(stats)] == [c.head_type for c in hk.classify(result.statistics)]
     old.write_text(json.dumps({"head_statistics": [{"layer_idx": 0}]}))

@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
 from headkv_engine import __version__
-from headkv_engine.analysis.statistics import HeadStatistics, from_sums, save_statistics
+from headkv_engine.analysis.statistics import OCTAVE_FIELDS, HeadStatistics, from_sums, save_statistics
 from headkv_engine.backends import resolve_backend
 from headkv_engine.ops.statistics import add_sums, empty_sums, head_statistics
 
@@ -89,6 +89,15 @@ def _sequences(input_ids) -> list[torch.Tensor]:
     return rows
 
 
+def octave_pieces(first: int, end: int):
+    """Split query positions first .. end - 1 at powers of two: (first, end) of every piece, each within one
+    octave (position 0, or 2^(b-1) .. 2^b - 1)."""
+    while first < end:
+        boundary = 1 if first == 0 else 1 << first.bit_length()
+        yield first, min(end, boundary)
+        first = min(end, boundary)
+
+
 @torch.no_grad()
 def analyze(model, input_ids, *, sink_size: int = 4, local_window: int = 8, recent_ratio: float = 0.1,
             chunk_size: int = 512, backend: str = "auto", progress: bool = True, model_name: str | None = None
@@ -117,11 +126,20 @@ def analyze(model, input_ids, *, sink_size: int = 4, local_window: int = 8, rece
     backend = resolve_backend(backend, device)  # fails here, before the run, if it is unavailable
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     sums = [empty_sums(heads, 1) for _ in range(layers)]
+    octaves = [{} for _ in range(layers)]  # per layer: {octave: sums of the budget fields}
 
     def add(layer, q, k, start, scale):
-        part = head_statistics(q, k, start, scale=scale, sink_size=sink_size, local_window=local_window,
-                               recent_ratio=recent_ratio, backend=backend)
-        sums[layer] = add_sums(sums[layer], {key: value.cpu() for key, value in part.items()})
+        # one call per query-position octave, so that from_budget can tell what a shorter context sees
+        for first, end in octave_pieces(start, start + q.shape[1]):
+            part = head_statistics(q[:, first - start : end - start], k[:, :end], first, scale=scale,
+                                   sink_size=sink_size, local_window=local_window, recent_ratio=recent_ratio,
+                                   backend=backend)
+            part = {key: value.cpu() for key, value in part.items()}
+            sums[layer] = add_sums(sums[layer], part)
+            octave = first.bit_length()
+            budget_part = {key: part[key] for key in OCTAVE_FIELDS}
+            seen = octaves[layer].get(octave)
+            octaves[layer][octave] = budget_part if seen is None else add_sums(seen, budget_part)
 
     body = getattr(model, "gpt_neox", model)  # the statistics need no logits: skip the LM head
     total = sum(-(-row.numel() // chunk_size) for row in sequences)
@@ -132,7 +150,7 @@ def analyze(model, input_ids, *, sink_size: int = 4, local_window: int = 8, rece
             for start in range(0, ids.numel(), chunk_size):
                 body(ids[None, start : start + chunk_size].to(device), cache=cache, use_cache=True)
                 bar.update(1)
-    statistics = [s for layer in range(layers) for s in from_sums(sums[layer], layer)]
+    statistics = [s for layer in range(layers) for s in from_sums(sums[layer], layer, octaves[layer])]
     model_info = {
         "num_layers": layers, "num_heads": heads, "sink_size": sink_size, "local_window": local_window,
         "recent_ratio": recent_ratio, "model": model_name or getattr(config, "_name_or_path", "") or "gpt_neox",

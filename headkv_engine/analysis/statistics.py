@@ -19,8 +19,11 @@ class HeadStatistics:
     The seed's fields (seed 000) plus two optional histograms for budget allocation (None when a file written
     without them is read): `distance_mass_log2`, the mean mass by distance d = q - j on a log scale (bin 0:
     d = 0, bin i >= 1: 2^(i-1) <= d < 2^i, as many bins as the longest analysed sequence needs; sums to 1), and
-    `sink_mass_by_size`, {s: mean mass on the keys j < s} for s in 1, 2, 4, 8, 16. `num_queries` counts the
-    queries the means are over.
+    `sink_mass_by_size`, {s: mean mass on the keys j < s} for s in 1, 2, 4, 8, 16; and the same two by query
+    position, `mass_by_query_position`: one entry per octave of positions that holds analysed queries,
+    {"positions": [lo, hi], "num_queries": n, "distance_mass_log2": [...], "sink_mass_by_size": {...}} over the
+    queries at lo <= q < hi (hi = 2 lo), so that a budget for a shorter context can use what that context sees.
+    `num_queries` counts the queries the means are over.
     """
 
     layer_idx: int
@@ -34,6 +37,7 @@ class HeadStatistics:
     relative_position_dist: list
     distance_mass_log2: list | None = None
     sink_mass_by_size: dict | None = None
+    mass_by_query_position: list | None = None
     num_queries: int = 0
 
     def to_dict(self) -> dict:
@@ -54,12 +58,42 @@ class HeadStatistics:
         values.setdefault("uniformity_score", 0.0)
         values.setdefault("relative_position_dist", [])
         if values.get("sink_mass_by_size"):
-            values["sink_mass_by_size"] = {int(k): float(v) for k, v in values["sink_mass_by_size"].items()}
+            values["sink_mass_by_size"] = _sink_sizes(values["sink_mass_by_size"])
+        if values.get("mass_by_query_position"):
+            values["mass_by_query_position"] = [
+                {**entry, "sink_mass_by_size": _sink_sizes(entry["sink_mass_by_size"])}
+                for entry in values["mass_by_query_position"]
+            ]
         return cls(**values)
 
 
-def from_sums(sums: dict, layer: int) -> list[HeadStatistics]:
-    """HeadStatistics of every head of one layer from the summed op outputs (ops.statistics)."""
+def _sink_sizes(masses: dict) -> dict:
+    """{sink size: mass} with int keys (JSON object keys are strings)."""
+    return {int(k): float(v) for k, v in masses.items()}
+
+
+# The sums kept per octave of query positions (HeadStatistics.mass_by_query_position).
+OCTAVE_FIELDS = ("count", "log2", "sinks")
+
+
+def _octave_entries(octaves: dict, head: int) -> list:
+    entries = []
+    for octave, sums in sorted(octaves.items()):
+        count = float(sums["count"][head])
+        if count == 0:
+            continue
+        low, high = (0, 1) if octave == 0 else (1 << (octave - 1), 1 << octave)
+        entries.append({
+            "positions": [low, high], "num_queries": int(count),
+            "distance_mass_log2": (sums["log2"][head] / count).tolist(),
+            "sink_mass_by_size": {s: float(sums["sinks"][head, i] / count) for i, s in enumerate(SINK_SIZES)},
+        })
+    return entries
+
+
+def from_sums(sums: dict, layer: int, octaves: dict | None = None) -> list[HeadStatistics]:
+    """HeadStatistics of every head of one layer from the summed op outputs (ops.statistics); `octaves`, the
+    sums of OCTAVE_FIELDS by query-position octave b (positions 2^(b-1) .. 2^b - 1; b = 0: position 0)."""
     count = sums["count"].clamp(min=1)
     mean = lambda key: sums[key] / count  # noqa: E731
     entropy = mean("entropy")
@@ -77,6 +111,7 @@ def from_sums(sums: dict, layer: int) -> list[HeadStatistics]:
             sink_ratio=preference["sink"], uniformity_score=float(mean("uniformity")[head]),
             relative_position_dist=relative[head].tolist(), distance_mass_log2=log2[head].tolist(),
             sink_mass_by_size={s: float(sinks[head, i]) for i, s in enumerate(SINK_SIZES)},
+            mass_by_query_position=_octave_entries(octaves, head) if octaves else None,
             num_queries=int(sums["count"][head]),
         ))
     return out
@@ -97,6 +132,8 @@ FIELD_DEFINITIONS = {
     "distance_mass_log2": "optional: mean mass by distance on a log scale; bin 0: d = 0, bin i >= 1: "
                           "2^(i-1) <= d < 2^i, up to the longest analysed sequence",
     "sink_mass_by_size": "optional: {s: mean mass on the keys j < s} for s in 1, 2, 4, 8, 16",
+    "mass_by_query_position": "optional: distance_mass_log2 and sink_mass_by_size over the queries at positions "
+                              "lo <= q < hi only, for each octave [lo, hi) of positions that holds analysed queries",
 }
 
 
