@@ -17,8 +17,14 @@ deterministic given the seed, and a resumed run continues exactly as an uninterr
 the checkpoint (--checkpoint, default <work>/checkpoint.pt; atomic writes) every --save-minutes, at the end of
 its --minutes and at --steps, and the same command resumes it. Beside the checkpoint it keeps a weights-only
 model-stepNNNNNN.pt of every save, for `stats` and `export --checkpoint`. Once a schedule is finished,
-`train --restart --steps N` continues with a new warm-up and cosine segment up to step N. Every save logs the
-held-out loss and the first-token (sink) mass of each head.
+`train --restart --steps N` continues with a new warm-up and cosine segment up to step N (peak --lr). Every save
+logs the held-out loss and the first-token (sink) mass of each head.
+
+The shipped model can be trained further on a machine without its checkpoints: build the corpus, tokenize it with
+the shipped tokenizer, and start a segment from the exported weights (the optimizer starts afresh):
+
+    python bench/train_builtin.py tokenizer --tokenizer-file headkv_engine/zoo/builtin/tokenizer.json
+    python bench/train_builtin.py train --init-from headkv_engine/zoo/builtin --steps N --lr 1e-3
 
 `export` writes fp16 safetensors, config, tokenizer, a held-out text (clean held-out documents), metrics.json
 and MODEL_CARD.md generated from measurements: of the exported fp16 weights on that text, and of every kept
@@ -126,12 +132,15 @@ def heldout_tokens(work):
 def cmd_tokenizer(args):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[BOS, EOS], min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((d["text"] for d in documents(args.work, "train")), trainer=trainer)
+    if args.tokenizer_file:  # continuing an exported model: its own tokenizer, not a new one
+        tok = Tokenizer.from_file(args.tokenizer_file)
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[BOS, EOS], min_frequency=2,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator((d["text"] for d in documents(args.work, "train")), trainer=trainer)
     tok.save(os.path.join(args.work, "tokenizer.json"))
     for split in ("train", "heldout"):
         ids = []
@@ -230,6 +239,25 @@ def save_atomic(path, state):
     os.replace(path + ".tmp", path)
 
 
+def init_from_export(directory, model, train_tokens, steps, lr):
+    """Start a new schedule segment from an exported model (its fp16 weights; the optimizer starts afresh, which
+    the segment's warm-up absorbs), carrying its step, log, training time and measured history."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    with open(os.path.join(directory, "metrics.json"), encoding="utf-8") as f:
+        metrics = json.load(f)
+    if train_tokens.numel() != metrics["train_tokens"]:
+        raise SystemExit(f"--init-from {directory}: it was trained on {metrics['train_tokens']:,} tokens, this "
+                         f"corpus has {train_tokens.numel():,}; build the corpus and pass "
+                         "`tokenizer --tokenizer-file` its tokenizer.json")
+    step = metrics["step"]
+    if steps <= step:
+        raise SystemExit(f"--steps: expected more than the exported model's {step} steps, got {steps}")
+    model.load_state_dict({k: v.float() for k, v in load_file(os.path.join(directory, "model.safetensors")).items()})
+    schedule = {"start": step, "end": steps, "lr": lr}
+    return step, metrics["log"], schedule, 3600 * metrics["training_hours"], metrics["history"]
+
+
 def cmd_train(args):
     from transformers import GPTNeoXForCausalLM  # noqa: PLC0415
 
@@ -244,7 +272,7 @@ def cmd_train(args):
                              {"params": vectors, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     ckpt = args.checkpoint or os.path.join(args.work, "checkpoint.pt")
     os.makedirs(os.path.dirname(os.path.abspath(ckpt)), exist_ok=True)
-    step, log, schedule, elapsed = 0, [], {"start": 0, "end": args.steps}, 0.0
+    step, log, schedule, elapsed, prior = 0, [], {"start": 0, "end": args.steps, "lr": args.lr}, 0.0, []
     if os.path.exists(ckpt):
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
@@ -252,9 +280,14 @@ def cmd_train(args):
         step, log = state["step"], state["log"]
         schedule = state.get("schedule", schedule)
         elapsed = state.get("elapsed_s") or estimated_seconds(log)  # checkpoints of early versions lack it
+        prior = state.get("prior_history", [])
         if args.restart:
-            schedule = {"start": step, "end": args.steps}
+            schedule = {"start": step, "end": args.steps, "lr": args.lr}
         print(f"resumed at step {step}, schedule {schedule}", flush=True)
+    elif args.init_from:
+        step, log, schedule, elapsed, prior = init_from_export(args.init_from, model, train_tokens, args.steps,
+                                                               args.lr)
+        print(f"initialised from {args.init_from} at step {step}, schedule {schedule}", flush=True)
     if step >= schedule["end"]:
         raise SystemExit(f"the schedule ended at step {schedule['end']}: pass --restart --steps N (N > {step}) "
                          "to continue with a new warm-up and cosine segment")
@@ -264,7 +297,8 @@ def cmd_train(args):
     deadline = began + 60 * args.minutes
     tokens_done = 0
     while step < stop and time.time() < deadline:
-        lr = learning_rate(step, args.lr, schedule["start"], schedule["end"])
+        # a segment keeps the peak it started with (schedules of early checkpoints lack it: --lr)
+        lr = learning_rate(step, schedule.get("lr", args.lr), schedule["start"], schedule["end"])
         for group in opt.param_groups:
             group["lr"] = lr
         ids = batch(train_tokens, args.seed, step)
@@ -289,7 +323,7 @@ def cmd_train(args):
             print(f"checkpoint step {step}: held-out loss {entry['heldout_loss']:.3f} "
                   f"(ppl {entry['heldout_ppl']:.1f}), sinks {entry['sinks']}, heads {entry['heads']}", flush=True)
             snapshot = {"model": model.state_dict(), "step": step, "log": log, "schedule": schedule,
-                        "seed": args.seed, "elapsed_s": elapsed + now - began}
+                        "seed": args.seed, "elapsed_s": elapsed + now - began, "prior_history": prior}
             save_atomic(ckpt, {**snapshot, "opt": opt.state_dict()})
             save_atomic(os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"model-step{step:06d}.pt"), snapshot)
             last_save = now
@@ -363,9 +397,11 @@ def cmd_export(args):
         clean_heldout(args.work)
     held_ids, sink_ids = measurement_windows(heldout_tokens(args.work))
 
-    # every kept snapshot up to this one, measured again on the clean held-out documents
-    history = []
-    for step, path in snapshots(checkpoint, state["step"] - 1) + [(state["step"], None)]:
+    # every kept snapshot up to this one, measured again on the clean held-out documents; a run continued from
+    # an exported model (train --init-from) carries that model's measured history for the steps before it
+    kept = snapshots(checkpoint, state["step"] - 1) + [(state["step"], None)]
+    history = [entry for entry in state.get("prior_history", []) if entry["step"] < kept[0][0]]
+    for step, path in kept:
         snap = state if path is None else torch.load(path, weights_only=False, map_location="cpu")
         model.load_state_dict(snap["model"])
         history.append({"step": step, "tokens": step * BATCH * SEQ, "train_loss": snap["log"][-1]["train_loss"],
@@ -446,7 +482,9 @@ def model_card(m, cfg):
     sinks = ("no attention sinks: no head puts more than 0.3 of its attention on the first token"
              if h["heads_above_0.3"] == 0 else
              f"{h['heads_above_0.3']} of {n_heads} heads putting more than 0.3 of their attention on the first token")
-    restart = f" (a segment from step {m['schedule']['start']})" if m["schedule"]["start"] else ""
+    segment_lr = m["schedule"].get("lr", 3e-3)
+    restart = (f" (a segment from step {m['schedule']['start']}, peak lr {segment_lr:g})" if m["schedule"]["start"]
+               else "")
     return f"""# headkv-engine built-in model
 
 A Pythia-architecture GPTNeoX trained from scratch on an offline English corpus, shipped inside the package so
@@ -514,6 +552,9 @@ def main():
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--checkpoint", help="checkpoint file (default <work>/checkpoint.pt); train also keeps a "
                         "weights-only model-stepNNNNNN.pt beside it at every save, which stats / export accept")
+    parser.add_argument("--init-from", help="train: with no checkpoint yet, start a new segment from this exported "
+                        "model directory (e.g. headkv_engine/zoo/builtin) instead of random weights")
+    parser.add_argument("--tokenizer-file", help="tokenizer: tokenize with this tokenizer.json instead of training one")
     parser.add_argument("--out", default=SHIP_DIR, help="export: output directory")
     parser.add_argument("--heldout-chars", type=int, default=80_000)
     args = parser.parse_args()
