@@ -471,6 +471,24 @@ def head_table(matrix, digits):
     return "\n".join(rows)
 
 
+def sink_note(m, n_heads):
+    """What the card says of attention sinks: that they are absent, or how they formed over the checkpoints."""
+    history = m["history"]
+    formed = [e for e in history if e["sinks"]["heads_above_0.3"]]
+    if not formed:
+        return ("Attention sinks are known to need far more training tokens than this model saw\n"
+                "(Gu et al., \"When Attention Sink Emerges in Language Models\", ICLR 2025).\n"
+                "Compression results on it measure windows and budgets on its local and broad heads; they say "
+                "nothing about sinks.")
+    first, last = formed[0], history[-1]
+    return (f"Sinks began to form late in training (the checkpoint table below): the largest first-token mass "
+            f"rose from {history[0]['sinks']['max']:.2f} at step {history[0]['step']} to "
+            f"{last['sinks']['max']:.2f} at step {last['step']}; a first head passed 0.3 at step {first['step']} "
+            f"({first['tokens'] / 1e6:.1f} M tokens) and {last['sinks']['heads_above_0.3']} of {n_heads} are above "
+            "it at the last step, where Pythia has most of its heads. Compression results on this model say little "
+            "about sinks yet.")
+
+
 def model_card(m, cfg):
     h, n_heads = m["heldout_txt"], cfg.num_hidden_layers * cfg.num_attention_heads
     corpus = "; ".join(f"{SOURCES[name][1]}: {c['documents']} documents, {c['characters'] / 1e6:.1f} M characters"
@@ -512,9 +530,7 @@ Head statistics are means over queries at positions >= {h['sink_from']} on the f
 The first-token mass of a head is its attention probability on key 0, the BOS.
 
 This model has {sinks}.
-Attention sinks are known to need far more training tokens than this model saw
-(Gu et al., "When Attention Sink Emerges in Language Models", ICLR 2025).
-Compression results on it measure windows and budgets on its local and broad heads; they say nothing about sinks.
+{sink_note(m, n_heads)}
 
 ## First-token mass per head
 

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--text-file", help="text to analyse (default: the built-in held-out text)")
     source.add_argument("--dataset", help="a `datasets` dataset, 'name' or 'name:config' (needs network)")
     analyze.add_argument("--max-tokens", type=int, default=2048)
+    analyze.add_argument("--windows", type=int, default=1,
+                         help="analyse this many consecutive windows of --max-tokens (the built-in model: BOS first in "
+                              "each), e.g. windows of the context the model is trained and evaluated at")
     analyze.add_argument("--chunk-size", type=int, default=512)
     analyze.add_argument("--sink-size", type=int, default=4)
     analyze.add_argument("--local-window", type=int, default=8)

@@ -14,11 +14,15 @@ def analyze(args) -> int:
     from headkv_engine.analysis import analyze as run_analysis  # noqa: PLC0415
     from headkv_engine.analysis import write_analysis  # noqa: PLC0415
 
+    if args.windows < 1:
+        raise ValueError(f"--windows: expected at least 1 window, got {args.windows}")
     loading.prepare_output_dir(args.output_dir, args.force)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, tokenizer, name = loading.load_model(args.model, dtype=dtype)
     text = loading.load_text(args.text_file, args.dataset)
-    ids = loading.encode(tokenizer, text, args.max_tokens, builtin=args.model == loading.BUILTIN)
+    builtin = args.model == loading.BUILTIN
+    ids = (loading.encode(tokenizer, text, args.max_tokens, builtin=builtin) if args.windows == 1 else
+           loading.encode_windows(tokenizer, text, args.max_tokens, args.windows, builtin=builtin))
     result = run_analysis(model, ids, sink_size=args.sink_size, local_window=args.local_window,
                           recent_ratio=args.recent_ratio, chunk_size=args.chunk_size, backend=args.backend,
                           model_name=name)

@@ -59,9 +59,12 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     steps.set_postfix_str("analysis")
 
-    # 1. analyse and classify the heads on the first `analysis_tokens` tokens
+    # 1. analyse and classify the heads on the first `analysis_tokens` tokens, in windows of the evaluated length:
+    # the heads are measured at the context the profiles are planned and evaluated for
     analysis_dir = os.path.join(output_dir, "analysis")
-    result = analyze(model, ids[:analysis_tokens], chunk_size=512, backend=backend, model_name=name, progress=False)
+    analysis_ids = loading.encode_windows(tokenizer, text, eval_tokens, max(1, analysis_tokens // eval_tokens),
+                                          builtin=builtin)
+    result = analyze(model, analysis_ids, chunk_size=512, backend=backend, model_name=name, progress=False)
     write_analysis(result, analysis_dir)
     classifications = classify(result.statistics)
     steps.update()
@@ -131,7 +134,8 @@ def _write_report(results, classifications, output_dir):
         "## What was done",
         "",
         f"1. **Analysis.** Every one of the {analysis['num_layers']} x {analysis['num_heads']} heads was measured on "
-        f"{analysis['tokens']} held-out tokens (entropy, sink / local / recent / global mass, distance histograms) "
+        f"{analysis['tokens']} held-out tokens in {analysis['sequences']} windows of the evaluated length (entropy, "
+        "sink / local / recent / global mass, distance histograms) "
         "by fused kernels, without attention matrices. Files and figures: `analysis/`.",
         f"2. **Classification.** Head types: {', '.join(f'{k} {v}' for k, v in sorted(types.items()))}.",
         "3. **Profiles.** StreamingLLM (4 sinks + window) and `from_budget` (each head's sink and window chosen to "

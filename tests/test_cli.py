@@ -75,6 +75,27 @@ def test_analyze_validate_ablate(model_dir, text_file, tmp_path, capsys):
     assert json.loads((ablation / "ablation_results.json").read_text()) == json.loads(before)
 
 
+def test_analyze_windows(model_dir, text_file, tmp_path, capsys):
+    """--windows N analyses N consecutive windows of --max-tokens as separate sequences."""
+    import headkv_engine as hk  # noqa: PLC0415
+    from headkv_engine import loading  # noqa: PLC0415
+
+    out = tmp_path / "windows"
+    assert main(["analyze", "--model", str(model_dir), "--text-file", str(text_file), "--max-tokens", "60",
+                 "--windows", "3", "--output-dir", str(out)]) == 0
+    stats = json.loads((out / "head_statistics.json").read_text())
+    assert (stats["model_info"]["tokens"], stats["model_info"]["sequences"]) == (180, 3)
+    model, tokenizer, _ = loading.load_model(str(model_dir))
+    ids = tokenizer(text_file.read_text(), add_special_tokens=False)["input_ids"]
+    direct = hk.analyze(model, torch.tensor([ids[:60], ids[60:120], ids[120:180]]), progress=False)
+    for key in ("mean_entropy", "sink_ratio"):
+        assert [s[key] for s in stats["head_statistics"]] == pytest.approx(
+            [getattr(s, key) for s in direct.statistics], abs=1e-6)
+    assert main(["analyze", "--model", str(model_dir), "--text-file", str(text_file), "--windows", "0",
+                 "--output-dir", str(tmp_path / "none")]) == 2
+    assert "--windows" in capsys.readouterr().err
+
+
 def test_clear_errors(tmp_path, capsys):
     assert main(["validate", "--results-dir", str(tmp_path)]) == 2
     assert "head_statistics.json" in capsys.readouterr().err
