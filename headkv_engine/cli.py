@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
     bench.add_argument("--output-dir", default="headkv-bench")
+    bench.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     bench.set_defaults(func=_command("bench"))
 
     ablate = commands.add_parser("ablate", help="seed 004's ablation study: perplexity per policy and budget")

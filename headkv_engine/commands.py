@@ -100,6 +100,7 @@ def bench(args) -> int:
 
     if args.budget <= 4:
         raise ValueError(f"--budget must exceed the 4 StreamingLLM sinks, got {args.budget}")
+    loading.prepare_output_dir(args.output_dir, args.force)
     run(args)
     print(open(os.path.join(args.output_dir, "bench_results.md"), encoding="utf-8").read())
     return 0

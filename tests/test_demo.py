@@ -30,7 +30,7 @@ def test_demo_bad_budget(tmp_path, capsys):
     assert "--budgets" in capsys.readouterr().err
 
 
-def test_bench_compares_with_the_full_cache(tmp_path):
+def test_bench_compares_with_the_full_cache(tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["bench", "--method", "streaming_llm", "--budget", "24", "--num-samples", "1", "--max-tokens", "64",
             "--max-new-tokens", "3", "--output-dir", str(out)]
@@ -41,6 +41,8 @@ def test_bench_compares_with_the_full_cache(tmp_path):
     assert streaming["kv_bytes"] < full["kv_bytes"] and streaming["kv_fraction_of_full"] < 1
     assert all(r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["throughput_tok_s"] > 0 for r in rows)
     assert "| streaming_llm | 24 |" in (out / "bench_results.md").read_text()
+    assert main(args) == 2  # results are not overwritten without --force
+    assert "--force" in capsys.readouterr().err
 
 
 def test_builtin_head_types_match_the_model_card():
