@@ -26,8 +26,8 @@ def head_types() -> dict:
     ids = loading.encode_windows(tokenizer, zoo.heldout_text(), WINDOW_TOKENS, WINDOWS, builtin=True)
     result = hk.analyze(model, ids, chunk_size=512, progress=False, model_name="headkv-builtin")
     counts = Counter(c.head_type for c in hk.classify(result.statistics))
-    return {"tokens": sum(int(row.numel()) for row in ids), "windows": len(ids), "sink_size": 4, "local_window": 8, "scheme": "refined",
-            "counts": dict(sorted(counts.items())),
+    return {"tokens": sum(int(row.numel()) for row in ids), "windows": len(ids), "sink_size": 4, "local_window": 8,
+            "scheme": "refined", "counts": dict(sorted(counts.items())),
             "max_sink_ratio": max(s.sink_ratio for s in result.statistics),
             "max_local_ratio": max(s.position_preference["local"] for s in result.statistics)}
 
@@ -40,7 +40,8 @@ def main():
         card = f.read().split(HEADING)[0].rstrip() + "\n"
     rows = "\n".join(f"| {kind} | {count} |" for kind, count in types["counts"].items())
     card += (f"\n{HEADING}\n\nThe first {types['windows']} windows of {types['tokens'] // types['windows']} tokens "
-             f"(BOS first) of heldout.txt, sink size 4, local window 8, the refined scheme of SPEC 6:\n\n| type | heads |\n|---|---|\n{rows}\n\nLargest sink ratio "
+             "(BOS first) of heldout.txt, sink size 4, local window 8, the refined scheme of SPEC 6:\n\n"
+             f"| type | heads |\n|---|---|\n{rows}\n\nLargest sink ratio "
              f"{types['max_sink_ratio']:.3f}; largest local ratio {types['max_local_ratio']:.3f}.\n")
     write_text_atomic(card_path, card)
     print(json.dumps(types, indent=2))

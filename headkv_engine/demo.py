@@ -52,7 +52,7 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
     model, tokenizer, name = loading.load_model(model_id)
     text = loading.load_text(text_file, None)
     builtin = model_id == loading.BUILTIN
-    ids = loading.encode(tokenizer, text, max(analysis_tokens, decode_context), builtin=builtin)
+    prompt = loading.encode(tokenizer, text, decode_context, builtin=builtin)  # for the decode timing
     # evaluation windows come after the analysed tokens when the text is long enough
     eval_ids = loading.encode_windows(tokenizer, text, eval_tokens, eval_windows, builtin=builtin,
                                       offset=analysis_tokens)
@@ -93,7 +93,6 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
     steps.update()
 
     # 4. decode speed and KV bytes at `decode_context` tokens: full cache vs the head-aware and budget profiles
-    prompt = ids[:decode_context]
     speed = {"full": _decode_speed(model, prompt, new_tokens)}
     for config_name in ("head_aware", f"from_budget_{budgets[len(budgets) // 2]}", f"from_budget_{budgets[0]}"):
         speed[config_name] = _decode_speed(model, prompt, new_tokens, profiles[config_name][1], backend)
