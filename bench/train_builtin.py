@@ -485,8 +485,7 @@ def sink_note(m, n_heads):
             f"rose from {history[0]['sinks']['max']:.2f} at step {history[0]['step']} to "
             f"{last['sinks']['max']:.2f} at step {last['step']}; a first head passed 0.3 at step {first['step']} "
             f"({first['tokens'] / 1e6:.1f} M tokens) and {last['sinks']['heads_above_0.3']} of {n_heads} are above "
-            "it at the last step, where Pythia has most of its heads. Compression results on this model say little "
-            "about sinks yet.")
+            "it at the last step (Pythia has most of its heads there).")
 
 
 def model_card(m, cfg):
