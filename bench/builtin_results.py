@@ -18,6 +18,7 @@ from builtin_head_types import WINDOW_TOKENS
 from builtin_head_types import WINDOWS as ANALYSIS_WINDOWS
 
 from headkv_engine import cli
+from headkv_engine.ablation_report import budget_comparison, ppl_change
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "builtin")
@@ -44,21 +45,17 @@ def regenerate(out: str) -> None:
 
 
 def headline_table(results: dict) -> str:
-    configs = {c["name"]: c for c in results["configs"]}
-    full = configs["full"]
+    full = next(c for c in results["configs"] if c["name"] == "full")
     lines = [f"Full cache: PPL {full['perplexity']:.2f} on {results['windows']} held-out windows of "
              f"{results['window_tokens']} tokens ({full['tokens']} predicted tokens).", "",
              "| budget (kept tokens per head) | StreamingLLM (4 sinks + window) PPL | window only PPL | "
              "from_budget PPL | from_budget vs StreamingLLM |", "|---|---|---|---|---|"]
-    for budget in BUDGETS:
-        streaming, window = configs.get(f"B_streaming_{budget}"), configs.get(f"A_window_{budget}")
-        ours = configs.get(f"from_budget_{budget}")
-        if streaming is None or ours is None:
+    for budget, ours, streaming, window in budget_comparison(results["configs"]):
+        if streaming is None:
             continue
         window_ppl = f"{window['perplexity']:.2f}" if window else "-"
-        change = 100 * (ours["perplexity"] / streaming["perplexity"] - 1)
         lines.append(f"| {budget} | {streaming['perplexity']:.2f} | {window_ppl} | {ours['perplexity']:.2f} "
-                     f"(ctx {ours['effective_context']:.0f}) | {change:+.1f}% |")
+                     f"(ctx {ours['effective_context']:.0f}) | {ppl_change(ours, streaming):+.1f}% |")
     return "\n".join(lines)
 
 

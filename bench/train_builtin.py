@@ -55,7 +55,7 @@ SOURCES = {  # name: (Debian package, description, files)
 }
 SEQ, BATCH, VOCAB = 512, 4, 8192
 BOS, EOS = "<|bos|>", "<|endoftext|>"  # ids 0 and 1
-WARMUP, MIN_LR_FRACTION, WEIGHT_DECAY = 300, 0.1, 0.1
+PEAK_LR, WARMUP, MIN_LR_FRACTION, WEIGHT_DECAY = 3e-3, 300, 0.1, 0.1
 SINK_FROM = 12  # head statistics are averaged over queries at positions >= SINK_FROM
 LOCAL_KEYS, BROAD_ENTROPY = 8, 3.0  # a local head: > 0.5 of its mass on the last 8 keys; broad: entropy > 3 nats
 SHIP_PPL_WINDOWS, SHIP_SINK_WINDOWS, SINK_LENGTH = 4, 4, 256
@@ -499,7 +499,7 @@ def model_card(m, cfg):
     sinks = ("no attention sinks: no head puts more than 0.3 of its attention on the first token"
              if h["heads_above_0.3"] == 0 else
              f"{h['heads_above_0.3']} of {n_heads} heads putting more than 0.3 of their attention on the first token")
-    segment_lr = m["schedule"].get("lr", 3e-3)
+    segment_lr = m["schedule"].get("lr", PEAK_LR)
     restart = (f" (a segment from step {m['schedule']['start']}, peak lr {segment_lr:g})" if m["schedule"]["start"]
                else "")
     return f"""# headkv-engine built-in model
@@ -562,7 +562,7 @@ def main():
     parser.add_argument("--minutes", type=float, default=60, help="stop this run after this long")
     parser.add_argument("--save-minutes", type=float, default=10)
     parser.add_argument("--patience", type=int, default=0, help="stop when held-out loss is flat this many saves")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=PEAK_LR)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--checkpoint", help="checkpoint file (default <work>/checkpoint.pt); train also keeps a "

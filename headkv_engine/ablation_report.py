@@ -66,17 +66,12 @@ def markdown(results) -> str:
         lines += _table(f"~{target} context", sorted(near, key=lambda c: c["perplexity"]), baseline)
     inverse = [c for c in configs if c["group"] == "I"] + [named[n] for n in ("B_streaming_256",) if n in named]
     lines += _table("Inverse experiment (group I)", inverse)
-    budget_rows = []
-    for c in configs:
-        if c["group"] == "from_budget":
-            budget = int(c["name"].rsplit("_", 1)[1])
-            streaming = named.get(f"B_streaming_{budget}")
-            budget_rows.append((c, streaming))
+    budget_rows = budget_comparison(configs)
     if budget_rows:
         lines += ["### from_budget vs StreamingLLM at equal budget", "",
                   "| budget | from_budget PPL | eff. ctx | StreamingLLM PPL | difference |", "|---|---|---|---|---|"]
-        for c, s in budget_rows:
-            diff = f"{100 * (c['perplexity'] / s['perplexity'] - 1):+.1f}%" if s else "n/a"
+        for _, c, s, _ in budget_rows:
+            diff = f"{ppl_change(c, s):+.1f}%" if s else "n/a"
             lines.append(f"| {c['name'].rsplit('_', 1)[1]} | {c['perplexity']:.2f} | {c['effective_context']:.1f} | "
                          f"{s['perplexity']:.2f} | {diff} |" if s else
                          f"| {c['name']} | {c['perplexity']:.2f} | {c['effective_context']:.1f} | n/a | n/a |")
@@ -84,6 +79,23 @@ def markdown(results) -> str:
     lines += _table("Best configurations", sorted(configs, key=lambda c: c["perplexity"])[:8])
     lines += _table("Pareto frontier (no config has both lower context and lower PPL)", pareto_frontier(configs))
     return "\n".join(lines)
+
+
+def budget_comparison(configs) -> list[tuple]:
+    """(budget, from_budget config, B_streaming config or None, A_window config or None) for every from_budget
+    config, in the order of `configs`."""
+    named = {c["name"]: c for c in configs}
+    rows = []
+    for c in configs:
+        if c["group"] == "from_budget":
+            budget = int(c["name"].rsplit("_", 1)[1])
+            rows.append((budget, c, named.get(f"B_streaming_{budget}"), named.get(f"A_window_{budget}")))
+    return rows
+
+
+def ppl_change(config, baseline) -> float:
+    """Perplexity of `config` relative to `baseline`, in percent."""
+    return 100 * (config["perplexity"] / baseline["perplexity"] - 1)
 
 
 def plot_ppl_vs_context(results, path):
