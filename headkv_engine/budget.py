@@ -187,7 +187,11 @@ def from_budget(statistics, mean_tokens: float, length: int | None = None, sink_
         raise ProfileError(f"mean_tokens: expected a positive budget, got {mean_tokens}")
     sink_size = sink_size or int(info.get("sink_size", 4))
     length = length or int(2 ** (len(_get(stats[0], "distance_mass_log2") or [1]) - 1))
-    picks = allocate([head_options(s, sink_size, length) for s in stats], mean_tokens)
+    options = [head_options(s, sink_size, length) for s in stats]
+    if mean_tokens >= length:  # the full cache fits: keep it (the histograms cannot see mass below their resolution)
+        picks = [(0, None, 1.0, length)] * len(stats)
+    else:
+        picks = allocate(options, mean_tokens)
     layers = 1 + max(int(_get(s, "layer_idx")) for s in stats)
     heads = 1 + max(int(_get(s, "head_idx")) for s in stats)
     policies = {}

@@ -73,6 +73,13 @@ def test_allocation_follows_the_heads():
     assert profile.meta["source"] == "from_budget"
 
 
+@pytest.mark.parametrize("budget", [LENGTH, 2 * LENGTH])
+def test_budget_of_the_whole_context_is_the_full_cache(budget):
+    profile = hk.Profile.from_budget(statistics(), mean_tokens=budget, length=LENGTH)
+    assert all(profile.policy(layer, head).strategy == "full" for layer in range(2) for head in range(4))
+    assert profile.effective_context(LENGTH) == LENGTH
+
+
 def test_budget_for_a_shorter_context_plans_with_what_that_context_sees():
     """Causal attention at position q depends only on tokens <= q: the octaves of a long analysis below `length`
     are the analysis of the first `length` tokens, so from_budget(length=64) plans the same from either."""
