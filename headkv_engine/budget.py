@@ -129,14 +129,17 @@ def kl_divergence(covered: float) -> float:
     return -math.log(max(covered, MIN_COVERED))
 
 
-def allocate(options: list[list[tuple]], mean_tokens: float) -> list[tuple]:
+def allocate(options: list[list[tuple]], mean_tokens: float, price=kl_divergence) -> list[tuple]:
     """Per head, the option of `options` (head_options) minimising the summed KL divergence of the heads' kept
     attention from their full attention, -log(covered mass), under mean(cost) <= mean_tokens. (A plain sum of
     covered mass would starve heads whose last percents are cheap for another head to buy: the divergence
-    grows without bound as a head's coverage falls.)"""
+    grows without bound as a head's coverage falls.)
+
+    price: what an option's third field costs (default: the KL divergence of that covered mass); any other
+    measure of harm per option, e.g. a measured loss increase, allocates the same way."""
 
     def choose(lam):
-        picks = [min(head, key=lambda o: (kl_divergence(o[2]) + lam * o[3], o[3])) for head in options]
+        picks = [min(head, key=lambda o: (price(o[2]) + lam * o[3], o[3])) for head in options]
         return picks, sum(p[3] for p in picks) / len(picks)
 
     low, high = 0.0, 1.0
@@ -151,10 +154,10 @@ def allocate(options: list[list[tuple]], mean_tokens: float) -> list[tuple]:
     picks, cost = choose(high)
     if cost > mean_tokens:
         raise ProfileError(f"mean_tokens: a budget of {mean_tokens} is below the smallest policy of every head")
-    return _fill(options, picks, mean_tokens * len(picks) - sum(p[3] for p in picks))
+    return _fill(options, picks, mean_tokens * len(picks) - sum(p[3] for p in picks), price)
 
 
-def _fill(options, picks, spare: float):
+def _fill(options, picks, spare: float, price):
     """Spend what the Lagrangian solution leaves of the budget: repeatedly take the upgrade of one head that
     fits and lowers the divergence the most per extra token."""
     picks = list(picks)
@@ -164,7 +167,7 @@ def _fill(options, picks, spare: float):
             _, _, mass, cost = picks[i]
             for option in head:
                 extra = option[3] - cost
-                gain = kl_divergence(mass) - kl_divergence(option[2])
+                gain = price(mass) - price(option[2])
                 if 0 < extra <= spare and gain > 1e-12 and (best is None or gain / extra > best[0]):
                     best = (gain / extra, i, option)
         if best is None:

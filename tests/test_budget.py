@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import headkv_engine as hk
-from headkv_engine.budget import head_options, kl_divergence
+from headkv_engine.budget import allocate, head_options, kl_divergence
 
 LENGTH = 1024  # 11 log2 bins: distances 0, 1, 2-3, ..., 512-1023
 
@@ -78,6 +78,16 @@ def test_budget_of_the_whole_context_is_the_full_cache(budget):
     profile = hk.Profile.from_budget(statistics(), mean_tokens=budget, length=LENGTH)
     assert all(profile.policy(layer, head).strategy == "full" for layer in range(2) for head in range(4))
     assert profile.effective_context(LENGTH) == LENGTH
+
+
+def test_allocate_with_another_price_follows_that_price():
+    """The third field of an option priced by `price` (here: a loss increase itself) instead of the KL of a
+    covered mass: the budget for one full head goes to the head whose window costs the most."""
+    budget = (12 + 64 + 12) / 3
+    losses = [[(4, 8, loss, 12), (0, None, 0.0, 64)] for loss in (0.1, 1.0, 0.2)]
+    assert [p[1] for p in allocate(losses, budget, price=lambda loss: loss)] == [8, None, 8]
+    masses = [[(4, 8, mass, 12), (0, None, 1.0, 64)] for mass in (0.9, 0.95, 0.5)]  # the default: KL of the mass
+    assert [p[1] for p in allocate(masses, budget)] == [8, 8, None]
 
 
 def test_budget_for_a_shorter_context_plans_with_what_that_context_sees():

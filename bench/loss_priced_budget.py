@@ -1,0 +1,129 @@
+"""Budget allocation priced by each head's measured loss increase instead of the KL of its dropped attention.
+
+    python bench/loss_priced_budget.py [--force]     # ~8 minutes on 2 cores
+
+On the built-in model: every head alone is switched to each policy of a grid (sinks 0 / 4 / 16, windows 16-384)
+and the rise of the mean next-token loss over the full cache is measured on the 4 analysis windows (the
+calibration text); those losses then price the allocation of `from_budget` (budget.allocate with another
+price). Every profile is evaluated on the 32 evaluation windows of bench/builtin_results.py, beside
+StreamingLLM and the KL-priced `from_budget`. Also measured: StreamingLLM 4 + 252 on one layer at a time, the
+rest full, which shows where StreamingLLM's gain over the full cache at 256 comes from.
+
+Writes bench/results/builtin/loss_priced_budget.json and prints the tables of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+from builtin_head_types import WINDOW_TOKENS
+from builtin_head_types import WINDOWS as CALIBRATION_WINDOWS
+from builtin_results import BUDGETS, EVAL_OFFSET, OUT
+from builtin_results import WINDOWS as EVAL_WINDOWS
+from tqdm.auto import tqdm
+
+from headkv_engine import loading, zoo
+from headkv_engine.budget import allocate, head_options, kl_divergence
+from headkv_engine.evaluation import evaluate
+from headkv_engine.profile import HeadPolicy, Profile, write_json_atomic
+
+SINKS = (0, 4, 16)
+GRID_WINDOWS = (16, 32, 64, 128, 192, 256, 384)
+KL_WEIGHT = 0.01  # nats of loss per nat of KL: what a measured loss of 0 still costs by the attention it drops
+
+
+def policy(sink: int, window: int | None) -> HeadPolicy:
+    if window is None:
+        return HeadPolicy.make("full")
+    return HeadPolicy.make("sink_window", sink, window) if sink else HeadPolicy.make("window_only", None, window)
+
+
+def mean_loss(model, windows, profile) -> float:
+    return math.log(evaluate(model, windows, profile).perplexity)
+
+
+def measure_head_losses(model, windows) -> dict:
+    """{(layer, head): {(sink, window): loss increase over the full cache}}, each head changed alone."""
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    full = mean_loss(model, windows, Profile.full(layers, heads))
+    losses = {}
+    for layer, head in tqdm([(l, h) for l in range(layers) for h in range(heads)], desc="heads"):
+        losses[layer, head] = {
+            (sink, window): mean_loss(model, windows, Profile(layers, heads, heads={(layer, head): policy(sink, window)}))
+            - full for sink in SINKS for window in GRID_WINDOWS}
+    return losses
+
+
+def loss_priced_profile(losses: dict, statistics: list, budget: int, layers: int, heads: int, kl_weight: float,
+                        clip: bool) -> Profile:
+    """Allocate under `budget` with each option priced by its measured loss (clipped at 0 when `clip`: a head
+    that predicts better without part of its context earns nothing for it) plus kl_weight * its KL."""
+    options = []
+    for stat in statistics:
+        key = (int(stat["layer_idx"]), int(stat["head_idx"]))
+        kl = {(s, w): kl_divergence(mass) for s, w, mass, _ in head_options(stat, 4, WINDOW_TOKENS)}
+        head = [(s, w, (max(loss, 0.0) if clip else loss) + kl_weight * kl[s, w], s + w)
+                for (s, w), loss in losses[key].items()]
+        options.append(head + [(0, None, 0.0, WINDOW_TOKENS)])
+    picks = allocate(options, budget, price=lambda loss: loss)
+    return Profile(layers, heads, heads={(int(st["layer_idx"]), int(st["head_idx"])): policy(s, w)
+                                        for st, (s, w, _, _) in zip(statistics, picks)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=os.path.join(OUT, "loss_priced_budget.json"))
+    parser.add_argument("--force", action="store_true", help="overwrite an existing results file")
+    args = parser.parse_args()
+    if os.path.exists(args.output) and not args.force:
+        raise SystemExit(f"{args.output} exists; pass --force to overwrite it")
+    statistics_file = os.path.join(OUT, "analysis", "head_statistics.json")
+    with open(statistics_file, encoding="utf-8") as f:
+        statistics = json.load(f)["head_statistics"]
+
+    model, tokenizer, _ = loading.load_model(loading.BUILTIN)
+    text = zoo.heldout_text()
+    calibration = loading.encode_windows(tokenizer, text, WINDOW_TOKENS, CALIBRATION_WINDOWS, builtin=True)
+    held_out = loading.encode_windows(tokenizer, text, WINDOW_TOKENS, EVAL_WINDOWS, builtin=True, offset=EVAL_OFFSET)
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    losses = measure_head_losses(model, calibration)
+
+    def ppl(profile, windows=held_out):
+        return evaluate(model, windows, profile).perplexity
+
+    budgets = [b for b in BUDGETS if b < WINDOW_TOKENS]
+    rows = {
+        "StreamingLLM (4 sinks + window)": [ppl(Profile.streaming_llm(layers, heads, 4, b - 4)) for b in budgets],
+        "from_budget (KL of dropped attention)": [ppl(Profile.from_budget(statistics_file, b, length=WINDOW_TOKENS))
+                                                  for b in budgets],
+        "measured loss": [ppl(loss_priced_profile(losses, statistics, b, layers, heads, 0.0, clip=False))
+                          for b in budgets],
+        f"measured loss clipped at 0 + {KL_WEIGHT:g} x KL": [
+            ppl(loss_priced_profile(losses, statistics, b, layers, heads, KL_WEIGHT, clip=True)) for b in budgets],
+    }
+    by_layer = {}
+    for which, windows in (("calibration", calibration), ("evaluation", held_out)):
+        full = mean_loss(model, windows, Profile.full(layers, heads))
+        by_layer[which] = [1000 * (mean_loss(model, windows, Profile(
+            layers, heads, heads={(layer, h): policy(4, 252) for h in range(heads)})) - full) for layer in range(layers)]
+    results = {"model": loading.BUILTIN, "budgets": budgets, "full_perplexity": ppl(Profile.full(layers, heads)),
+               "perplexity": rows, "streaming_256_one_layer_millinats": by_layer,
+               "head_losses": {f"{l},{h}": {f"{s},{w}": v for (s, w), v in options.items()}
+                               for (l, h), options in losses.items()}}
+    write_json_atomic(args.output, results)
+
+    print("| allocation | " + " | ".join(f"{b} tokens" for b in budgets) + " |")
+    print("|---|" + "---|" * len(budgets))
+    for name, values in rows.items():
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    print("\n| StreamingLLM 4 + 252 on layer | " + " | ".join(str(layer) for layer in range(layers)) + " |")
+    print("|---|" + "---|" * layers)
+    for which, values in by_layer.items():
+        print(f"| loss change, {which} (millinats) | " + " | ".join(f"{v:+.2f}" for v in values) + " |")
+
+
+if __name__ == "__main__":
+    main()
