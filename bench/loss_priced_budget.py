@@ -1,13 +1,14 @@
 """Budget allocation priced by each head's measured loss increase instead of the KL of its dropped attention.
 
-    python bench/loss_priced_budget.py [--force]     # ~8 minutes on 2 cores
+    python bench/loss_priced_budget.py [--force]     # ~9 minutes on 2 cores
 
 On the built-in model: every head alone is switched to each policy of a grid (sinks 0 / 4 / 16, windows 16-384)
 and the rise of the mean next-token loss over the full cache is measured on the 4 analysis windows (the
 calibration text); those losses then price the allocation of `from_budget` (budget.allocate with another
 price). Every profile is evaluated on the 32 evaluation windows of bench/builtin_results.py, beside
 StreamingLLM and the KL-priced `from_budget`. Also measured: StreamingLLM 4 + 252 on one layer at a time, the
-rest full, which shows where StreamingLLM's gain over the full cache at 256 comes from.
+rest full, which shows where StreamingLLM's gain over the full cache at 256 comes from; and the allocation
+priced by per-layer losses (every head of one layer at 4 sinks + window, 6 x 7 evaluations), shared among its heads.
 
 Writes bench/results/builtin/loss_priced_budget.json and prints the tables of bench/RESULTS.md.
 """
@@ -33,6 +34,7 @@ from headkv_engine.profile import HeadPolicy, Profile, write_json_atomic
 SINKS = (0, 4, 16)
 GRID_WINDOWS = (16, 32, 64, 128, 192, 256, 384)
 KL_WEIGHT = 0.01  # nats of loss per nat of KL: what a measured loss of 0 still costs by the attention it drops
+LAYER_KL_WEIGHTS = (0.003, 0.01, 0.03)
 
 
 def policy(sink: int, window: int | None) -> HeadPolicy:
@@ -57,6 +59,22 @@ def measure_head_losses(model, windows) -> dict:
     return losses
 
 
+def measure_layer_losses(model, windows) -> dict:
+    """{(layer, window): loss increase over the full cache with every head of that layer at 4 sinks + window}."""
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    full = mean_loss(model, windows, Profile.full(layers, heads))
+    return {(layer, window): mean_loss(model, windows, Profile(
+        layers, heads, heads={(layer, h): policy(4, window) for h in range(heads)})) - full
+        for layer in range(layers) for window in GRID_WINDOWS}
+
+
+def priced_profile(options: list, statistics: list, budget: int, layers: int, heads: int) -> Profile:
+    """The profile of the allocation of `options`, whose third field is already the price."""
+    picks = allocate(options, budget, price=lambda loss: loss)
+    return Profile(layers, heads, heads={(int(st["layer_idx"]), int(st["head_idx"])): policy(s, w)
+                                        for st, (s, w, _, _) in zip(statistics, picks)})
+
+
 def loss_priced_profile(losses: dict, statistics: list, budget: int, layers: int, heads: int, kl_weight: float,
                         clip: bool) -> Profile:
     """Allocate under `budget` with each option priced by its measured loss (clipped at 0 when `clip`: a head
@@ -68,9 +86,21 @@ def loss_priced_profile(losses: dict, statistics: list, budget: int, layers: int
         head = [(s, w, (max(loss, 0.0) if clip else loss) + kl_weight * kl[s, w], s + w)
                 for (s, w), loss in losses[key].items()]
         options.append(head + [(0, None, 0.0, WINDOW_TOKENS)])
-    picks = allocate(options, budget, price=lambda loss: loss)
-    return Profile(layers, heads, heads={(int(st["layer_idx"]), int(st["head_idx"])): policy(s, w)
-                                        for st, (s, w, _, _) in zip(statistics, picks)})
+    return priced_profile(options, statistics, budget, layers, heads)
+
+
+def layer_priced_profile(layer_losses: dict, statistics: list, budget: int, layers: int, heads: int,
+                         kl_weight: float) -> Profile:
+    """Allocate with every option of the KL grid priced by its layer's measured loss at the nearest measured
+    window, shared evenly among the layer's heads, plus kl_weight * its KL."""
+    options = []
+    for stat in statistics:
+        layer = int(stat["layer_idx"])
+        head = [(s, w, layer_losses[layer, min(GRID_WINDOWS, key=lambda g: abs(g - w))] / heads
+                 + kl_weight * kl_divergence(mass), cost)
+                for s, w, mass, cost in head_options(stat, 4, WINDOW_TOKENS) if w is not None]
+        options.append(head + [(0, None, 0.0, WINDOW_TOKENS)])
+    return priced_profile(options, statistics, budget, layers, heads)
 
 
 def main() -> None:
@@ -90,6 +120,7 @@ def main() -> None:
     held_out = loading.encode_windows(tokenizer, text, WINDOW_TOKENS, EVAL_WINDOWS, builtin=True, offset=EVAL_OFFSET)
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     losses = measure_head_losses(model, calibration)
+    layer_losses = measure_layer_losses(model, calibration)
 
     def ppl(profile, windows=held_out):
         return evaluate(model, windows, profile).perplexity
@@ -104,6 +135,9 @@ def main() -> None:
         f"measured loss clipped at 0 + {KL_WEIGHT:g} x KL": [
             ppl(loss_priced_profile(losses, statistics, b, layers, heads, KL_WEIGHT, clip=True)) for b in budgets],
     }
+    for weight in LAYER_KL_WEIGHTS:
+        rows[f"measured loss per layer + {weight:g} x KL"] = [
+            ppl(layer_priced_profile(layer_losses, statistics, b, layers, heads, weight)) for b in budgets]
     by_layer = {}
     for which, windows in (("calibration", calibration), ("evaluation", held_out)):
         full = mean_loss(model, windows, Profile.full(layers, heads))
@@ -111,6 +145,7 @@ def main() -> None:
             layers, heads, heads={(layer, h): policy(4, 252) for h in range(heads)})) - full) for layer in range(layers)]
     results = {"model": loading.BUILTIN, "budgets": budgets, "full_perplexity": ppl(Profile.full(layers, heads)),
                "perplexity": rows, "streaming_256_one_layer_millinats": by_layer,
+               "layer_losses": {f"{l},{w}": v for (l, w), v in layer_losses.items()},
                "head_losses": {f"{l},{h}": {f"{s},{w}": v for (s, w), v in options.items()}
                                for (l, h), options in losses.items()}}
     write_json_atomic(args.output, results)
