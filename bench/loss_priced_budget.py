@@ -11,6 +11,12 @@ rest full, which shows where StreamingLLM's gain over the full cache at 256 come
 priced by per-layer losses (every head of one layer at 4 sinks + window, 6 x 7 evaluations), shared among its heads.
 
 Writes bench/results/builtin/loss_priced_budget.json and prints the tables of bench/RESULTS.md.
+
+    python bench/loss_priced_budget.py --training-corpus /work/train_builtin/train.jsonl [--force]   # ~3 minutes
+
+instead measures the per-layer losses on 16 windows of training documents (`train_builtin.py corpus`), chooses
+the KL weight on 16 windows of other training documents, and evaluates only the chosen weight on the evaluation
+windows (bench/results/builtin/layer_priced_budget_training.json): no evaluated text picks anything.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import random
 
 from builtin_head_types import WINDOW_TOKENS
 from builtin_head_types import WINDOWS as CALIBRATION_WINDOWS
@@ -35,6 +42,9 @@ SINKS = (0, 4, 16)
 GRID_WINDOWS = (16, 32, 64, 128, 192, 256, 384)
 KL_WEIGHT = 0.01  # nats of loss per nat of KL: what a measured loss of 0 still costs by the attention it drops
 LAYER_KL_WEIGHTS = (0.003, 0.01, 0.03)
+SELECTION_KL_WEIGHTS = (0.001, 0.003, 0.01, 0.03, 0.1)
+TRAINING_WINDOWS = 16  # windows of training text for the per-layer losses, and as many again to choose the weight
+TRAINING_DOCUMENTS = 60  # random training documents per text (their first 6000 characters), disjoint
 
 
 def policy(sink: int, window: int | None) -> HeadPolicy:
@@ -103,13 +113,63 @@ def layer_priced_profile(layer_losses: dict, statistics: list, budget: int, laye
     return priced_profile(options, statistics, budget, layers, heads)
 
 
+def training_texts(corpus: str, tokenizer) -> tuple[list, list]:
+    """Two disjoint sets of TRAINING_WINDOWS windows from random training documents (seed 0)."""
+    with open(corpus, encoding="utf-8") as f:
+        documents = [json.loads(line)["text"] for line in f]
+    random.Random(0).shuffle(documents)
+    texts = ["\n\n".join(d[:6000] for d in documents[k * TRAINING_DOCUMENTS:(k + 1) * TRAINING_DOCUMENTS])
+             for k in range(2)]
+    return tuple(loading.encode_windows(tokenizer, t, WINDOW_TOKENS, TRAINING_WINDOWS, builtin=True) for t in texts)
+
+
+def training_text_protocol(model, tokenizer, corpus, statistics, statistics_file, held_out, output) -> None:
+    """Per-layer losses and the KL weight from training text; the evaluation windows only evaluate."""
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    calibration, selection = training_texts(corpus, tokenizer)
+    layer_losses = measure_layer_losses(model, calibration)
+    budgets = [b for b in BUDGETS if b < WINDOW_TOKENS]
+
+    def ppl(profile, windows):
+        return evaluate(model, windows, profile).perplexity
+
+    def rows(windows, weights):
+        out = {"StreamingLLM (4 sinks + window)": [ppl(Profile.streaming_llm(layers, heads, 4, b - 4), windows)
+                                                   for b in budgets],
+               "from_budget (KL of dropped attention)": [
+                   ppl(Profile.from_budget(statistics_file, b, length=WINDOW_TOKENS), windows) for b in budgets]}
+        for weight in weights:
+            out[f"measured loss per layer + {weight:g} x KL"] = [
+                ppl(layer_priced_profile(layer_losses, statistics, b, layers, heads, weight), windows) for b in budgets]
+        return out
+
+    selection_rows = rows(selection, SELECTION_KL_WEIGHTS)
+    # the weight with the lowest mean log-PPL over the budgets on the selection text
+    chosen = min(SELECTION_KL_WEIGHTS,
+                 key=lambda w: sum(map(math.log, selection_rows[f"measured loss per layer + {w:g} x KL"])))
+    evaluated = rows(held_out, (chosen,))
+    write_json_atomic(output, {"model": loading.BUILTIN, "budgets": budgets, "corpus": os.path.basename(corpus),
+                               "chosen_kl_weight": chosen, "selection_perplexity": selection_rows,
+                               "evaluation_perplexity": evaluated,
+                               "layer_losses": {f"{l},{w}": v for (l, w), v in layer_losses.items()}})
+    for title, table in (("selection text (training documents)", selection_rows), ("evaluation windows", evaluated)):
+        print(f"\n| {title} | " + " | ".join(f"{b} tokens" for b in budgets) + " |")
+        print("|---|" + "---|" * len(budgets))
+        for name, values in table.items():
+            print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    print(f"\nchosen KL weight: {chosen:g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default=os.path.join(OUT, "loss_priced_budget.json"))
+    parser.add_argument("--output", help="results JSON (default: under bench/results/builtin)")
+    parser.add_argument("--training-corpus", help="train.jsonl of train_builtin.py corpus: calibrate on training text")
     parser.add_argument("--force", action="store_true", help="overwrite an existing results file")
     args = parser.parse_args()
-    if os.path.exists(args.output) and not args.force:
-        raise SystemExit(f"{args.output} exists; pass --force to overwrite it")
+    name = "layer_priced_budget_training.json" if args.training_corpus else "loss_priced_budget.json"
+    output = args.output or os.path.join(OUT, name)
+    if os.path.exists(output) and not args.force:
+        raise SystemExit(f"{output} exists; pass --force to overwrite it")
     statistics_file = os.path.join(OUT, "analysis", "head_statistics.json")
     with open(statistics_file, encoding="utf-8") as f:
         statistics = json.load(f)["head_statistics"]
@@ -118,6 +178,9 @@ def main() -> None:
     text = zoo.heldout_text()
     calibration = loading.encode_windows(tokenizer, text, WINDOW_TOKENS, CALIBRATION_WINDOWS, builtin=True)
     held_out = loading.encode_windows(tokenizer, text, WINDOW_TOKENS, EVAL_WINDOWS, builtin=True, offset=EVAL_OFFSET)
+    if args.training_corpus:
+        training_text_protocol(model, tokenizer, args.training_corpus, statistics, statistics_file, held_out, output)
+        return
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     losses = measure_head_losses(model, calibration)
     layer_losses = measure_layer_losses(model, calibration)
@@ -148,7 +211,7 @@ def main() -> None:
                "layer_losses": {f"{l},{w}": v for (l, w), v in layer_losses.items()},
                "head_losses": {f"{l},{h}": {f"{s},{w}": v for (s, w), v in options.items()}
                                for (l, h), options in losses.items()}}
-    write_json_atomic(args.output, results)
+    write_json_atomic(output, results)
 
     print("| allocation | " + " | ".join(f"{b} tokens" for b in budgets) + " |")
     print("|---|" + "---|" * len(budgets))
