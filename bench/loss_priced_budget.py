@@ -34,12 +34,13 @@ from builtin_results import WINDOWS as EVAL_WINDOWS
 from tqdm.auto import tqdm
 
 from headkv_engine import loading, zoo
+from headkv_engine.analysis.layer_loss import measure_layer_losses
 from headkv_engine.budget import allocate, head_options, kl_divergence
 from headkv_engine.evaluation import evaluate
 from headkv_engine.profile import HeadPolicy, Profile, write_json_atomic
 
 SINKS = (0, 4, 16)
-GRID_WINDOWS = (16, 32, 64, 128, 192, 256, 384)
+GRID_WINDOWS = (16, 32, 64, 128, 192, 256, 384)  # the windows `headkv calibrate` measures too
 KL_WEIGHT = 0.01  # nats of loss per nat of KL: what a measured loss of 0 still costs by the attention it drops
 LAYER_KL_WEIGHTS = (0.003, 0.01, 0.03)
 SELECTION_KL_WEIGHTS = (0.001, 0.003, 0.01, 0.03, 0.1)
@@ -64,18 +65,10 @@ def measure_head_losses(model, windows) -> dict:
     losses = {}
     for layer, head in tqdm([(l, h) for l in range(layers) for h in range(heads)], desc="heads"):
         losses[layer, head] = {
-            (sink, window): mean_loss(model, windows, Profile(layers, heads, heads={(layer, head): policy(sink, window)}))
+            (sink, window): mean_loss(model, windows,
+                                      Profile(layers, heads, heads={(layer, head): policy(sink, window)}))
             - full for sink in SINKS for window in GRID_WINDOWS}
     return losses
-
-
-def measure_layer_losses(model, windows) -> dict:
-    """{(layer, window): loss increase over the full cache with every head of that layer at 4 sinks + window}."""
-    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
-    full = mean_loss(model, windows, Profile.full(layers, heads))
-    return {(layer, window): mean_loss(model, windows, Profile(
-        layers, heads, heads={(layer, h): policy(4, window) for h in range(heads)})) - full
-        for layer in range(layers) for window in GRID_WINDOWS}
 
 
 def priced_profile(options: list, statistics: list, budget: int, layers: int, heads: int) -> Profile:
@@ -99,20 +92,6 @@ def loss_priced_profile(losses: dict, statistics: list, budget: int, layers: int
     return priced_profile(options, statistics, budget, layers, heads)
 
 
-def layer_priced_profile(layer_losses: dict, statistics: list, budget: int, layers: int, heads: int,
-                         kl_weight: float) -> Profile:
-    """Allocate with every option of the KL grid priced by its layer's measured loss at the nearest measured
-    window, shared evenly among the layer's heads, plus kl_weight * its KL."""
-    options = []
-    for stat in statistics:
-        layer = int(stat["layer_idx"])
-        head = [(s, w, layer_losses[layer, min(GRID_WINDOWS, key=lambda g: abs(g - w))] / heads
-                 + kl_weight * kl_divergence(mass), cost)
-                for s, w, mass, cost in head_options(stat, 4, WINDOW_TOKENS) if w is not None]
-        options.append(head + [(0, None, 0.0, WINDOW_TOKENS)])
-    return priced_profile(options, statistics, budget, layers, heads)
-
-
 def training_texts(corpus: str, tokenizer) -> tuple[list, list]:
     """Two disjoint sets of TRAINING_WINDOWS windows from random training documents (seed 0)."""
     with open(corpus, encoding="utf-8") as f:
@@ -123,7 +102,7 @@ def training_texts(corpus: str, tokenizer) -> tuple[list, list]:
     return tuple(loading.encode_windows(tokenizer, t, WINDOW_TOKENS, TRAINING_WINDOWS, builtin=True) for t in texts)
 
 
-def training_text_protocol(model, tokenizer, corpus, statistics, statistics_file, held_out, output) -> None:
+def training_text_protocol(model, tokenizer, corpus, statistics_file, held_out, output) -> None:
     """Per-layer losses and the KL weight from training text; the evaluation windows only evaluate."""
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     calibration, selection = training_texts(corpus, tokenizer)
@@ -140,7 +119,8 @@ def training_text_protocol(model, tokenizer, corpus, statistics, statistics_file
                    ppl(Profile.from_budget(statistics_file, b, length=WINDOW_TOKENS), windows) for b in budgets]}
         for weight in weights:
             out[f"measured loss per layer + {weight:g} x KL"] = [
-                ppl(layer_priced_profile(layer_losses, statistics, b, layers, heads, weight), windows) for b in budgets]
+                ppl(Profile.from_budget(statistics_file, b, length=WINDOW_TOKENS, layer_losses=layer_losses,
+                                        kl_weight=weight), windows) for b in budgets]
         return out
 
     selection_rows = rows(selection, SELECTION_KL_WEIGHTS)
@@ -151,7 +131,7 @@ def training_text_protocol(model, tokenizer, corpus, statistics, statistics_file
     write_json_atomic(output, {"model": loading.BUILTIN, "budgets": budgets, "corpus": os.path.basename(corpus),
                                "chosen_kl_weight": chosen, "selection_perplexity": selection_rows,
                                "evaluation_perplexity": evaluated,
-                               "layer_losses": {f"{l},{w}": v for (l, w), v in layer_losses.items()}})
+                               "layer_losses": layer_losses})
     for title, table in (("selection text (training documents)", selection_rows), ("evaluation windows", evaluated)):
         print(f"\n| {title} | " + " | ".join(f"{b} tokens" for b in budgets) + " |")
         print("|---|" + "---|" * len(budgets))
@@ -179,7 +159,7 @@ def main() -> None:
     calibration = loading.encode_windows(tokenizer, text, WINDOW_TOKENS, CALIBRATION_WINDOWS, builtin=True)
     held_out = loading.encode_windows(tokenizer, text, WINDOW_TOKENS, EVAL_WINDOWS, builtin=True, offset=EVAL_OFFSET)
     if args.training_corpus:
-        training_text_protocol(model, tokenizer, args.training_corpus, statistics, statistics_file, held_out, output)
+        training_text_protocol(model, tokenizer, args.training_corpus, statistics_file, held_out, output)
         return
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     losses = measure_head_losses(model, calibration)
@@ -200,15 +180,17 @@ def main() -> None:
     }
     for weight in LAYER_KL_WEIGHTS:
         rows[f"measured loss per layer + {weight:g} x KL"] = [
-            ppl(layer_priced_profile(layer_losses, statistics, b, layers, heads, weight)) for b in budgets]
+            ppl(Profile.from_budget(statistics_file, b, length=WINDOW_TOKENS, layer_losses=layer_losses,
+                                    kl_weight=weight)) for b in budgets]
     by_layer = {}
     for which, windows in (("calibration", calibration), ("evaluation", held_out)):
         full = mean_loss(model, windows, Profile.full(layers, heads))
         by_layer[which] = [1000 * (mean_loss(model, windows, Profile(
-            layers, heads, heads={(layer, h): policy(4, 252) for h in range(heads)})) - full) for layer in range(layers)]
+            layers, heads, heads={(layer, h): policy(4, 252) for h in range(heads)})) - full)
+            for layer in range(layers)]
     results = {"model": loading.BUILTIN, "budgets": budgets, "full_perplexity": ppl(Profile.full(layers, heads)),
                "perplexity": rows, "streaming_256_one_layer_millinats": by_layer,
-               "layer_losses": {f"{l},{w}": v for (l, w), v in layer_losses.items()},
+               "layer_losses": layer_losses,
                "head_losses": {f"{l},{h}": {f"{s},{w}": v for (s, w), v in options.items()}
                                for (l, h), options in losses.items()}}
     write_json_atomic(output, results)

@@ -55,14 +55,16 @@ def configurations(ablation: str, classifications=None, statistics=None, budgets
 
 
 def build_profile(name: str, num_layers: int, num_heads: int, classifications=None, statistics=None,
-                  length: int | None = None) -> Profile:
-    """The profile of configuration `name`; `length` is the evaluated context (what a full head costs)."""
+                  length: int | None = None, layer_losses=None) -> Profile:
+    """The profile of configuration `name`; `length` is the evaluated context (what a full head costs);
+    `layer_losses` prices the from_budget configurations (headkv calibrate)."""
     if name == "full":
         return Profile.full(num_layers, num_heads)
     if name == "head_aware":
         return Profile.head_aware(classifications)
     if name.startswith("from_budget_"):
-        return Profile.from_budget(statistics, mean_tokens=int(name.rsplit("_", 1)[1]), length=length)
+        return Profile.from_budget(statistics, mean_tokens=int(name.rsplit("_", 1)[1]), length=length,
+                                   layer_losses=layer_losses)
     return Profile.from_group_name(name, classifications, num_layers, num_heads)
 
 
@@ -76,7 +78,7 @@ def _commit() -> str:
 
 
 def run_ablation(model, input_ids, output_dir, *, ablation="all", classifications=None, statistics=None,
-                 model_name="model", budgets=BUDGETS, backend="auto", progress=True) -> dict:
+                 model_name="model", budgets=BUDGETS, backend="auto", progress=True, layer_losses=None) -> dict:
     """Evaluate every configuration on `input_ids` (a sequence, a batch or a list of windows); results go to
     `output_dir/ablation_results.json` after each one."""
     windows = [input_ids] if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1 else list(input_ids)
@@ -97,7 +99,7 @@ def run_ablation(model, input_ids, output_dir, *, ablation="all", classification
     todo = [c for c in configurations(ablation, classifications, statistics, budgets) if c[0] not in done]
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     for name, group in tqdm(todo, desc="ablation", disable=not progress):
-        profile = build_profile(name, layers, heads, classifications, statistics, length)
+        profile = build_profile(name, layers, heads, classifications, statistics, length, layer_losses)
         result = evaluate(model, windows, profile, backend=backend)
         results["configs"].append({
             "name": name, "group": group, "parameters": profile.meta, "perplexity": result.perplexity,

@@ -22,6 +22,7 @@ import math
 
 import numpy as np
 
+from headkv_engine.analysis.layer_loss import layer_loss, load_layer_losses
 from headkv_engine.profile import HeadPolicy, Profile, ProfileError
 
 
@@ -177,11 +178,30 @@ def _fill(options, picks, spare: float, price):
         picks[i] = option
 
 
-def from_budget(statistics, mean_tokens: float, length: int | None = None, sink_size: int | None = None) -> Profile:
+# What a nat of KL divergence costs beside measured layer losses: chosen on training text of the built-in model
+# (bench/loss_priced_budget.py --training-corpus), never on evaluated text.
+LAYER_LOSS_KL_WEIGHT = 0.003
+
+
+def loss_priced(options: list[list[tuple]], stats: list, layer_losses: dict, heads: int, kl_weight: float) -> list:
+    """Options whose third field is a price: the measured loss of the head's layer at that window (see
+    analysis.layer_loss), shared evenly among the layer's heads, plus kl_weight x the KL of the dropped mass."""
+    priced = []
+    for stat, head in zip(stats, options):
+        layer = int(_get(stat, "layer_idx"))
+        priced.append([(s, w, 0.0 if w is None else layer_loss(layer_losses, layer, w) / heads
+                        + kl_weight * kl_divergence(mass), cost) for s, w, mass, cost in head])
+    return priced
+
+
+def from_budget(statistics, mean_tokens: float, length: int | None = None, sink_size: int | None = None,
+                layer_losses=None, kl_weight: float = LAYER_LOSS_KL_WEIGHT) -> Profile:
     """The profile covering the most attention mass with at most `mean_tokens` kept tokens per head on average.
 
     length: the context the budget is planned for (a full head costs this much; default: the longest distance
     the analysis saw); sink_size: sink size of `position_preference` (default: the analysis' own).
+    layer_losses: measured per-layer losses (`headkv calibrate`, a path or its dict): options are then priced by
+    what their layer's truncation costs the model's loss plus kl_weight x their KL, instead of by the KL alone.
     """
     stats, info = _load(statistics)
     if not stats:
@@ -194,9 +214,18 @@ def from_budget(statistics, mean_tokens: float, length: int | None = None, sink_
     if mean_tokens >= length:  # the full cache fits: keep it (the histograms cannot see mass below their resolution)
         picks = [(0, None, 1.0, length)] * len(stats)
     else:
-        picks = allocate(options, mean_tokens)
+        picks = None
     layers = 1 + max(int(_get(s, "layer_idx")) for s in stats)
     heads = 1 + max(int(_get(s, "head_idx")) for s in stats)
+    if layer_losses is not None:
+        layer_losses = load_layer_losses(layer_losses)
+        if kl_weight < 0:
+            raise ProfileError(f"kl_weight: expected >= 0, got {kl_weight}")
+    if picks is None and layer_losses is None:
+        picks = allocate(options, mean_tokens)
+    elif picks is None:
+        picks = allocate(loss_priced(options, stats, layer_losses, heads, kl_weight), mean_tokens,
+                         price=lambda price: price)
     policies = {}
     for stat, (sink, window, _, _) in zip(stats, picks):
         if window is None:
@@ -208,5 +237,6 @@ def from_budget(statistics, mean_tokens: float, length: int | None = None, sink_
         policies[(int(_get(stat, "layer_idx")), int(_get(stat, "head_idx")))] = policy
     profile = Profile(layers, heads, heads=policies,
                       meta={"source": "from_budget", "mean_tokens": mean_tokens, "length": length,
-                            "name": f"from_budget_{mean_tokens:g}"})
+                            "name": f"from_budget_{mean_tokens:g}",
+                            "price": "kl" if layer_losses is None else f"layer_loss + {kl_weight:g} x kl"})
     return profile

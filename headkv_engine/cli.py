@@ -59,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--force", action="store_true", help="overwrite an existing results directory")
     analyze.set_defaults(func=_command("analyze"))
 
+    calibrate = commands.add_parser("calibrate", help="per-layer loss of sinks + window attention (from_budget prices)")
+    calibrate.add_argument("--model", default="builtin", help="hub id, local directory, or 'builtin' (default)")
+    calibrate.add_argument("--text-file", help="calibration text, not the evaluated one (default: the built-in "
+                                               "held-out text)")
+    calibrate.add_argument("--max-tokens", type=int, default=512, help="tokens per window")
+    calibrate.add_argument("--windows", type=int, default=4, help="consecutive windows of --max-tokens")
+    calibrate.add_argument("--offset", type=int, default=0, help="start at this token of the text")
+    calibrate.add_argument("--sink-size", type=int, default=4)
+    calibrate.add_argument("--window-sizes", type=int, nargs="+", default=[16, 32, 64, 128, 192, 256, 384])
+    calibrate.add_argument("--backend", default="auto", choices=backends)
+    calibrate.add_argument("--output", required=True, help="layer_losses.json to write")
+    calibrate.add_argument("--force", action="store_true", help="overwrite an existing file")
+    calibrate.set_defaults(func=_command("calibrate"))
+
     validate = commands.add_parser("validate", help="validation figures and report of an analysis")
     validate.add_argument("--results-dir", required=True, help="a directory written by `headkv analyze`")
     validate.add_argument("--reclassify", action="store_true", help="classify again from head_statistics.json")
@@ -95,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "groups"])
     ablate.add_argument("--classifications", help="head_classifications.json (groups G, I, J, K, head_aware)")
     ablate.add_argument("--statistics", help="head_statistics.json (from_budget rows)")
+    ablate.add_argument("--layer-losses", help="layer_losses.json of `headkv calibrate`: from_budget priced by them")
     ablate.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     ablate.add_argument("--max-tokens", type=int, default=1000)
     ablate.add_argument("--windows", type=int, default=1, help="evaluate this many consecutive windows of --max-tokens")

@@ -32,6 +32,29 @@ def analyze(args) -> int:
     return 0
 
 
+def calibrate(args) -> int:
+    from headkv_engine.analysis.layer_loss import measure_layer_losses  # noqa: PLC0415
+    from headkv_engine.profile import write_json_atomic  # noqa: PLC0415
+
+    if os.path.exists(args.output) and not args.force:
+        raise ValueError(f"--output: {args.output} exists; pass --force to overwrite it")
+    model, tokenizer, name = loading.load_model(args.model)
+    text = loading.load_text(args.text_file, None)
+    ids = loading.encode_windows(tokenizer, text, args.max_tokens, args.windows, builtin=args.model == loading.BUILTIN,
+                                 offset=args.offset)
+    result = measure_layer_losses(model, ids, sink_size=args.sink_size, windows=args.window_sizes,
+                                  backend=args.backend, progress=True)
+    result["model"] = name
+    write_json_atomic(args.output, result)
+    print(f"{name}: loss increase (nats) with one layer at {args.sink_size} sinks + window, on {result['tokens']} "
+          "tokens")
+    print("layer " + " ".join(f"{w:>8}" for w in result["windows"]))
+    for layer, row in enumerate(result["loss_increase"]):
+        print(f"{layer:>5} " + " ".join(f"{v:+8.4f}" for v in row))
+    print(f"wrote {args.output}")
+    return 0
+
+
 def validate(args) -> int:
     from headkv_engine.analysis import load_classifications, load_statistics, write_validation  # noqa: PLC0415
 
@@ -65,12 +88,17 @@ def ablate(args) -> int:
                                  offset=args.offset)
     classifications = args.classifications
     statistics = args.statistics
+    if args.layer_losses and not statistics:
+        raise ValueError("--layer-losses: prices the from_budget rows, which need --statistics")
+    if args.layer_losses and not os.path.isfile(args.layer_losses):
+        raise ValueError(f"--layer-losses: {args.layer_losses!r} is not a file")
     if classifications and not os.path.isfile(classifications):
         raise ValueError(f"--classifications: {classifications!r} is not a file")
     if statistics and not os.path.isfile(statistics):
         raise ValueError(f"--statistics: {statistics!r} is not a file")
     results = run_ablation(model, ids, args.output_dir, ablation=args.ablation, classifications=classifications,
-                           statistics=statistics, model_name=name, budgets=tuple(args.budgets), backend=args.backend)
+                           statistics=statistics, model_name=name, budgets=tuple(args.budgets), backend=args.backend,
+                           layer_losses=args.layer_losses)
     files = write_report(results, args.output_dir)
     print(f"{len(results['configs'])} configurations; wrote ablation_results.json, {', '.join(files)} to "
           f"{args.output_dir}")

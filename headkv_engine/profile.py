@@ -227,12 +227,16 @@ class Profile:
         return groups.from_group_name(name, classifications, num_layers, num_heads)
 
     @classmethod
-    def from_budget(cls, statistics, mean_tokens: float, length: int | None = None, sink_size: int | None = None):
+    def from_budget(cls, statistics, mean_tokens: float, length: int | None = None, sink_size: int | None = None,
+                    layer_losses=None, kl_weight: float | None = None):
         """Every head's sink and window chosen to cover the most attention mass under a mean budget of
-        `mean_tokens` kept tokens (see headkv_engine.budget); `statistics` from hk.analyze or its JSON."""
+        `mean_tokens` kept tokens (see headkv_engine.budget); `statistics` from hk.analyze or its JSON;
+        `layer_losses` (`headkv calibrate`) prices the options by measured loss instead."""
         from headkv_engine import budget  # noqa: PLC0415
 
-        return budget.from_budget(statistics, mean_tokens, length=length, sink_size=sink_size)
+        weight = budget.LAYER_LOSS_KL_WEIGHT if kl_weight is None else kl_weight
+        return budget.from_budget(statistics, mean_tokens, length=length, sink_size=sink_size,
+                                  layer_losses=layer_losses, kl_weight=weight)
 
     # --- queries ------------------------------------------------------------------------------------------
 

@@ -4,33 +4,8 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from headkv_engine.cli import main
-from reference_model import tiny_model
-
-WORDS = "the a head attends to first last token sink window cache of and is in on".split()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-gpt-neox")
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
-    tiny_model(2, 4, 16, vocab=97).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    gen = torch.Generator().manual_seed(0)
-    words = [WORDS[i] for i in torch.randint(0, len(WORDS), (400,), generator=gen).tolist()]
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(" ".join(words))
-    return path
 
 
 def test_analyze_validate_ablate(model_dir, text_file, tmp_path, capsys):

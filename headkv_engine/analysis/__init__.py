@@ -9,6 +9,7 @@ from headkv_engine.analysis.classify import (
     load_classifications,
     save_classifications,
 )
+from headkv_engine.analysis.layer_loss import load_layer_losses, measure_layer_losses
 from headkv_engine.analysis.report import AttentionAnalyzer, write_analysis, write_validation
 from headkv_engine.analysis.statistics import HeadStatistics, load_statistics
 
@@ -22,7 +23,9 @@ __all__ = [
     "analyze",
     "classify",
     "load_classifications",
+    "load_layer_losses",
     "load_statistics",
+    "measure_layer_losses",
     "save_classifications",
     "write_analysis",
     "write_validation",
