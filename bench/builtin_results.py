@@ -5,7 +5,9 @@
 
 The analysis reads the first 4 windows of 512 tokens (BOS first: the context the model was trained at) of the
 built-in held-out text; the ablation evaluates the 32 windows of 512 tokens after its first 2048 tokens, so no
-evaluated token was seen by the analysis that picks the policies.
+evaluated token was seen by the analysis that picks the policies. With results/builtin/layer_losses_training.json
+(per-layer losses measured on training documents by `loss_priced_budget.py --training-corpus`) the ablation also
+has the from_budget_measured rows, priced by them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ OUT = os.path.join(HERE, "results", "builtin")
 WINDOWS = 32  # evaluated windows of WINDOW_TOKENS, after the analysed ones
 EVAL_OFFSET = 2048  # evaluation starts at this token of the text, past the 4 x 511 the analysis read
 BUDGETS = (32, 64, 128, 256, 512)
+LAYER_LOSSES = os.path.join(OUT, "layer_losses_training.json")
 
 
 def run(argv: list[str]) -> None:
@@ -41,7 +44,7 @@ def regenerate(out: str) -> None:
     run(["ablate", "--ablation", "all", "--classifications", os.path.join(analysis, "head_classifications.json"),
          "--statistics", os.path.join(analysis, "head_statistics.json"), "--max-tokens", str(WINDOW_TOKENS),
          "--windows", str(WINDOWS), "--offset", str(EVAL_OFFSET), "--budgets", *map(str, BUDGETS),
-         "--output-dir", out, "--force"])
+         *(["--layer-losses", LAYER_LOSSES] if os.path.isfile(LAYER_LOSSES) else []), "--output-dir", out, "--force"])
 
 
 def headline_table(results: dict) -> str:
@@ -49,13 +52,21 @@ def headline_table(results: dict) -> str:
     lines = [f"Full cache: PPL {full['perplexity']:.2f} on {results['windows']} held-out windows of "
              f"{results['window_tokens']} tokens ({full['tokens']} predicted tokens).", "",
              "| budget (kept tokens per head) | StreamingLLM (4 sinks + window) PPL | window only PPL | "
-             "from_budget PPL | from_budget vs StreamingLLM |", "|---|---|---|---|---|"]
+             "from_budget PPL | from_budget vs StreamingLLM |"]
+    measured = {b: ours for b, ours, _, _ in budget_comparison(results["configs"], "from_budget_measured")}
+    if measured:
+        lines[-1] += " from_budget, measured layer losses PPL | vs StreamingLLM |"
+    lines.append("|---" * (7 if measured else 5) + "|")
     for budget, ours, streaming, window in budget_comparison(results["configs"]):
         if streaming is None:
             continue
         window_ppl = f"{window['perplexity']:.2f}" if window else "-"
-        lines.append(f"| {budget} | {streaming['perplexity']:.2f} | {window_ppl} | {ours['perplexity']:.2f} "
-                     f"(ctx {ours['effective_context']:.0f}) | {ppl_change(ours, streaming):+.1f}% |")
+        line = (f"| {budget} | {streaming['perplexity']:.2f} | {window_ppl} | {ours['perplexity']:.2f} "
+                f"(ctx {ours['effective_context']:.0f}) | {ppl_change(ours, streaming):+.1f}% |")
+        if budget in measured:
+            line += (f" {measured[budget]['perplexity']:.3f} (ctx {measured[budget]['effective_context']:.0f}) | "
+                     f"{ppl_change(measured[budget], streaming):+.2f}% |")
+        lines.append(line)
     return "\n".join(lines)
 
 

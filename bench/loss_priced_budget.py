@@ -128,6 +128,11 @@ def training_text_protocol(model, tokenizer, corpus, statistics_file, held_out, 
     chosen = min(SELECTION_KL_WEIGHTS,
                  key=lambda w: sum(map(math.log, selection_rows[f"measured loss per layer + {w:g} x KL"])))
     evaluated = rows(held_out, (chosen,))
+    # the losses on their own, for `headkv ablate --layer-losses` (bench/builtin_results.py)
+    write_json_atomic(os.path.join(os.path.dirname(output), "layer_losses_training.json"),
+                      {**layer_losses, "model": loading.BUILTIN, "kl_weight": chosen,
+                       "text": f"{TRAINING_WINDOWS} windows of {TRAINING_DOCUMENTS} random training documents "
+                               f"(seed 0) of {os.path.basename(corpus)}"})
     write_json_atomic(output, {"model": loading.BUILTIN, "budgets": budgets, "corpus": os.path.basename(corpus),
                                "chosen_kl_weight": chosen, "selection_perplexity": selection_rows,
                                "evaluation_perplexity": evaluated,

@@ -21,7 +21,8 @@ BUDGETS = (32, 64, 128, 256, 512)
 RESULTS_FORMAT = "headkv-ablation/1"
 
 
-def configurations(ablation: str, classifications=None, statistics=None, budgets=BUDGETS) -> list[tuple[str, str]]:
+def configurations(ablation: str, classifications=None, statistics=None, budgets=BUDGETS,
+                   layer_losses=None) -> list[tuple[str, str]]:
     """(name, group) of every configuration of `ablation` (all, sink_importance, window_size, head_aware, groups)."""
     sink_importance = [(f"A_window_{w}", "A") for w in (64, 128, 256, 512)] + [
         (f"B_streaming_{w}", "B") for w in (64, 128, 256, 512)
@@ -39,6 +40,8 @@ def configurations(ablation: str, classifications=None, statistics=None, budgets
     if classifications is not None:
         groups = [(f"G_conf{t:g}_base{b}", "G") for b in (64, 128) for t in (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8)]
     from_budget = [(f"from_budget_{b}", "from_budget") for b in budgets] if statistics is not None else []
+    if statistics is not None and layer_losses is not None:
+        from_budget += [(f"from_budget_measured_{b}", "from_budget_measured") for b in budgets]
     chosen = {
         "sink_importance": sink_importance,
         "window_size": window_size,
@@ -57,14 +60,16 @@ def configurations(ablation: str, classifications=None, statistics=None, budgets
 def build_profile(name: str, num_layers: int, num_heads: int, classifications=None, statistics=None,
                   length: int | None = None, layer_losses=None) -> Profile:
     """The profile of configuration `name`; `length` is the evaluated context (what a full head costs);
-    `layer_losses` prices the from_budget configurations (headkv calibrate)."""
+    `layer_losses` prices the from_budget_measured configurations (headkv calibrate)."""
     if name == "full":
         return Profile.full(num_layers, num_heads)
     if name == "head_aware":
         return Profile.head_aware(classifications)
-    if name.startswith("from_budget_"):
+    if name.startswith("from_budget_measured_"):
         return Profile.from_budget(statistics, mean_tokens=int(name.rsplit("_", 1)[1]), length=length,
                                    layer_losses=layer_losses)
+    if name.startswith("from_budget_"):
+        return Profile.from_budget(statistics, mean_tokens=int(name.rsplit("_", 1)[1]), length=length)
     return Profile.from_group_name(name, classifications, num_layers, num_heads)
 
 
@@ -96,7 +101,8 @@ def run_ablation(model, input_ids, output_dir, *, ablation="all", classification
                    "windows": len(windows), "window_tokens": length,
                    "created": datetime.datetime.now().isoformat(timespec="seconds"), "configs": []}
     done = {c["name"] for c in results["configs"]}
-    todo = [c for c in configurations(ablation, classifications, statistics, budgets) if c[0] not in done]
+    todo = [c for c in configurations(ablation, classifications, statistics, budgets, layer_losses)
+            if c[0] not in done]
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     for name, group in tqdm(todo, desc="ablation", disable=not progress):
         profile = build_profile(name, layers, heads, classifications, statistics, length, layer_losses)

@@ -15,8 +15,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from headkv_engine.files import save_figure, write_text_atomic  # noqa: E402
 
+BUDGET_GROUPS = {"from_budget": "from_budget (KL price)",
+                 "from_budget_measured": "from_budget (measured layer losses)"}
 COLORS = {"A": "tab:red", "B": "tab:green", "G": "tab:blue", "I": "tab:purple", "J": "tab:orange", "K": "tab:cyan",
-          "from_budget": "black", "head_aware": "tab:brown", "full": "tab:gray"}
+          "from_budget": "black", "from_budget_measured": "tab:olive", "head_aware": "tab:brown", "full": "tab:gray"}
 
 
 def _by_name(results):
@@ -66,10 +68,12 @@ def markdown(results) -> str:
         lines += _table(f"~{target} context", sorted(near, key=lambda c: c["perplexity"]), baseline)
     inverse = [c for c in configs if c["group"] == "I"] + [named[n] for n in ("B_streaming_256",) if n in named]
     lines += _table("Inverse experiment (group I)", inverse)
-    budget_rows = budget_comparison(configs)
-    if budget_rows:
-        lines += ["### from_budget vs StreamingLLM at equal budget", "",
-                  "| budget | from_budget PPL | eff. ctx | StreamingLLM PPL | difference |", "|---|---|---|---|---|"]
+    for group, title in BUDGET_GROUPS.items():
+        budget_rows = budget_comparison(configs, group)
+        if not budget_rows:
+            continue
+        lines += [f"### {title} vs StreamingLLM at equal budget", "",
+                  f"| budget | {group} PPL | eff. ctx | StreamingLLM PPL | difference |", "|---|---|---|---|---|"]
         for _, c, s, _ in budget_rows:
             diff = f"{ppl_change(c, s):+.1f}%" if s else "n/a"
             lines.append(f"| {c['name'].rsplit('_', 1)[1]} | {c['perplexity']:.2f} | {c['effective_context']:.1f} | "
@@ -81,13 +85,13 @@ def markdown(results) -> str:
     return "\n".join(lines)
 
 
-def budget_comparison(configs) -> list[tuple]:
-    """(budget, from_budget config, B_streaming config or None, A_window config or None) for every from_budget
-    config, in the order of `configs`."""
+def budget_comparison(configs, group: str = "from_budget") -> list[tuple]:
+    """(budget, config, B_streaming config or None, A_window config or None) for every config of `group`
+    (from_budget or from_budget_measured), in the order of `configs`."""
     named = {c["name"]: c for c in configs}
     rows = []
     for c in configs:
-        if c["group"] == "from_budget":
+        if c["group"] == group:
             budget = int(c["name"].rsplit("_", 1)[1])
             rows.append((budget, c, named.get(f"B_streaming_{budget}"), named.get(f"A_window_{budget}")))
     return rows
@@ -103,7 +107,7 @@ def plot_ppl_vs_context(results, path):
     fig, ax = plt.subplots(figsize=(8, 5))
     for group in sorted({c["group"] for c in configs}):
         pts = sorted((c for c in configs if c["group"] == group), key=lambda c: c["effective_context"])
-        style = "-o" if group in ("A", "B", "from_budget") else "o"
+        style = "-o" if group in ("A", "B", *BUDGET_GROUPS) else "o"
         ax.plot([c["effective_context"] for c in pts], [c["perplexity"] for c in pts], style,
                 color=COLORS.get(group), label=group, alpha=0.85)
     frontier = pareto_frontier(configs)

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "groups"])
     ablate.add_argument("--classifications", help="head_classifications.json (groups G, I, J, K, head_aware)")
     ablate.add_argument("--statistics", help="head_statistics.json (from_budget rows)")
-    ablate.add_argument("--layer-losses", help="layer_losses.json of `headkv calibrate`: from_budget priced by them")
+    ablate.add_argument("--layer-losses", help="layer_losses.json of `headkv calibrate`: adds from_budget_measured rows, priced by them")
     ablate.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     ablate.add_argument("--max-tokens", type=int, default=1000)
     ablate.add_argument("--windows", type=int, default=1, help="evaluate this many consecutive windows of --max-tokens")

@@ -91,8 +91,10 @@ def test_calibrate_command_and_ablate_with_layer_losses(model_dir, text_file, tm
            str(analysis / "head_statistics.json"), "--layer-losses", str(output), "--output-dir", str(ablation)]
     assert main(cmd) == 0
     results = json.loads((ablation / "ablation_results.json").read_text())
-    row = next(c for c in results["configs"] if c["name"] == "from_budget_8")
+    row = next(c for c in results["configs"] if c["name"] == "from_budget_measured_8")
     assert row["parameters"]["price"].startswith("layer_loss") and row["effective_context"] <= 8
+    assert next(c for c in results["configs"] if c["name"] == "from_budget_8")["parameters"]["price"] == "kl"
+    assert "from_budget (measured layer losses) vs StreamingLLM" in (ablation / "ablation_report.md").read_text()
     no_statistics = [a for a in cmd if a != str(analysis / "head_statistics.json") and a != "--statistics"]
     assert main([*no_statistics, "--force"]) == 2
     assert "--layer-losses" in capsys.readouterr().err
