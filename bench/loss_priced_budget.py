@@ -48,12 +48,6 @@ TRAINING_WINDOWS = 16  # windows of training text for the per-layer losses, and 
 TRAINING_DOCUMENTS = 60  # random training documents per text (their first 6000 characters), disjoint
 
 
-def policy(sink: int, window: int | None) -> HeadPolicy:
-    if window is None:
-        return HeadPolicy.make("full")
-    return HeadPolicy.make("sink_window", sink, window) if sink else HeadPolicy.make("window_only", None, window)
-
-
 def mean_loss(model, windows, profile) -> float:
     return math.log(evaluate(model, windows, profile).perplexity)
 
@@ -66,7 +60,7 @@ def measure_head_losses(model, windows) -> dict:
     for layer, head in tqdm([(l, h) for l in range(layers) for h in range(heads)], desc="heads"):
         losses[layer, head] = {
             (sink, window): mean_loss(model, windows,
-                                      Profile(layers, heads, heads={(layer, head): policy(sink, window)}))
+                                      Profile(layers, heads, heads={(layer, head): HeadPolicy.keeping(sink, window)}))
             - full for sink in SINKS for window in GRID_WINDOWS}
     return losses
 
@@ -74,7 +68,7 @@ def measure_head_losses(model, windows) -> dict:
 def priced_profile(options: list, statistics: list, budget: int, layers: int, heads: int) -> Profile:
     """The profile of the allocation of `options`, whose third field is already the price."""
     picks = allocate(options, budget, price=lambda loss: loss)
-    return Profile(layers, heads, heads={(int(st["layer_idx"]), int(st["head_idx"])): policy(s, w)
+    return Profile(layers, heads, heads={(int(st["layer_idx"]), int(st["head_idx"])): HeadPolicy.keeping(s, w)
                                         for st, (s, w, _, _) in zip(statistics, picks)})
 
 
@@ -191,7 +185,7 @@ def main() -> None:
     for which, windows in (("calibration", calibration), ("evaluation", held_out)):
         full = mean_loss(model, windows, Profile.full(layers, heads))
         by_layer[which] = [1000 * (mean_loss(model, windows, Profile(
-            layers, heads, heads={(layer, h): policy(4, 252) for h in range(heads)})) - full)
+            layers, heads, heads={(layer, h): HeadPolicy.keeping(4, 252) for h in range(heads)})) - full)
             for layer in range(layers)]
     results = {"model": loading.BUILTIN, "budgets": budgets, "full_perplexity": ppl(Profile.full(layers, heads)),
                "perplexity": rows, "streaming_256_one_layer_millinats": by_layer,

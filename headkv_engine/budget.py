@@ -226,15 +226,8 @@ def from_budget(statistics, mean_tokens: float, length: int | None = None, sink_
     elif picks is None:
         picks = allocate(loss_priced(options, stats, layer_losses, heads, kl_weight), mean_tokens,
                          price=lambda price: price)
-    policies = {}
-    for stat, (sink, window, _, _) in zip(stats, picks):
-        if window is None:
-            policy = HeadPolicy.make("full")
-        elif sink > 0:
-            policy = HeadPolicy.make("sink_window", sink, window)
-        else:
-            policy = HeadPolicy.make("window_only", None, window)
-        policies[(int(_get(stat, "layer_idx")), int(_get(stat, "head_idx")))] = policy
+    policies = {(int(_get(stat, "layer_idx")), int(_get(stat, "head_idx"))): HeadPolicy.keeping(sink, window)
+                for stat, (sink, window, _, _) in zip(stats, picks)}
     profile = Profile(layers, heads, heads=policies,
                       meta={"source": "from_budget", "mean_tokens": mean_tokens, "length": length,
                             "name": f"from_budget_{mean_tokens:g}",

@@ -64,6 +64,16 @@ class HeadPolicy:
             fill=None if fill is None else tuple(float(x) for x in fill),
         )
 
+    @staticmethod
+    def keeping(sink_size: int, window_size: int | None) -> HeadPolicy:
+        """The policy that keeps `sink_size` sinks and the last `window_size` tokens: full when window_size is
+        None, window_only when there are no sinks, sink_window otherwise."""
+        if window_size is None:
+            return HeadPolicy.make("full")
+        if sink_size:
+            return HeadPolicy.make("sink_window", sink_size, window_size)
+        return HeadPolicy.make("window_only", None, window_size)
+
     def kept_tokens(self, length: int) -> int:
         """Tokens this head holds after `length` tokens (SPEC 2 table)."""
         if self.strategy == "full":

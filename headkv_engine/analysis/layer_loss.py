@@ -34,8 +34,7 @@ def measure_layer_losses(model, input_ids, *, sink_size: int = 4, windows=WINDOW
         raise ValueError(f"sink_size: expected >= 0, got {sink_size}")
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     full = evaluate(model, input_ids, Profile.full(layers, heads), backend=backend)
-    policy = {w: HeadPolicy.make("sink_window", sink_size, w) if sink_size else HeadPolicy.make("window_only", None, w)
-              for w in windows}
+    policy = {w: HeadPolicy.keeping(sink_size, w) for w in windows}
     loss = [[0.0] * len(windows) for _ in range(layers)]
     pairs = [(layer, k) for layer in range(layers) for k in range(len(windows))]
     for layer, k in tqdm(pairs, desc="layer losses", disable=not progress):
