@@ -211,19 +211,17 @@ def from_budget(statistics, mean_tokens: float, length: int | None = None, sink_
     sink_size = sink_size or int(info.get("sink_size", 4))
     length = length or int(2 ** (len(_get(stats[0], "distance_mass_log2") or [1]) - 1))
     options = [head_options(s, sink_size, length) for s in stats]
-    if mean_tokens >= length:  # the full cache fits: keep it (the histograms cannot see mass below their resolution)
-        picks = [(0, None, 1.0, length)] * len(stats)
-    else:
-        picks = None
     layers = 1 + max(int(_get(s, "layer_idx")) for s in stats)
     heads = 1 + max(int(_get(s, "head_idx")) for s in stats)
     if layer_losses is not None:
         layer_losses = load_layer_losses(layer_losses)
         if kl_weight < 0:
             raise ProfileError(f"kl_weight: expected >= 0, got {kl_weight}")
-    if picks is None and layer_losses is None:
+    if mean_tokens >= length:  # the full cache fits: keep it (the histograms cannot see mass below their resolution)
+        picks = [(0, None, 1.0, length)] * len(stats)
+    elif layer_losses is None:
         picks = allocate(options, mean_tokens)
-    elif picks is None:
+    else:
         picks = allocate(loss_priced(options, stats, layer_losses, heads, kl_weight), mean_tokens,
                          price=lambda price: price)
     policies = {(int(_get(stat, "layer_idx")), int(_get(stat, "head_idx"))): HeadPolicy.keeping(sink, window)
