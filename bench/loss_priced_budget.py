@@ -34,13 +34,13 @@ from builtin_results import WINDOWS as EVAL_WINDOWS
 from tqdm.auto import tqdm
 
 from headkv_engine import loading, zoo
+from headkv_engine.analysis.layer_loss import WINDOWS as GRID_WINDOWS  # the windows `headkv calibrate` measures
 from headkv_engine.analysis.layer_loss import measure_layer_losses
 from headkv_engine.budget import allocate, head_options, kl_divergence
 from headkv_engine.evaluation import evaluate
 from headkv_engine.profile import HeadPolicy, Profile, write_json_atomic
 
 SINKS = (0, 4, 16)
-GRID_WINDOWS = (16, 32, 64, 128, 192, 256, 384)  # the windows `headkv calibrate` measures too
 KL_WEIGHT = 0.01  # nats of loss per nat of KL: what a measured loss of 0 still costs by the attention it drops
 LAYER_KL_WEIGHTS = (0.003, 0.01, 0.03)
 SELECTION_KL_WEIGHTS = (0.001, 0.003, 0.01, 0.03, 0.1)
@@ -49,7 +49,7 @@ TRAINING_DOCUMENTS = 60  # random training documents per text (their first 6000 
 
 
 def mean_loss(model, windows, profile) -> float:
-    return math.log(evaluate(model, windows, profile).perplexity)
+    return evaluate(model, windows, profile).nll
 
 
 def measure_head_losses(model, windows) -> dict:

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--windows", type=int, default=4, help="consecutive windows of --max-tokens")
     calibrate.add_argument("--offset", type=int, default=0, help="start at this token of the text")
     calibrate.add_argument("--sink-size", type=int, default=4)
-    calibrate.add_argument("--window-sizes", type=int, nargs="+", default=[16, 32, 64, 128, 192, 256, 384])
+    calibrate.add_argument("--window-sizes", type=int, nargs="+",
+                           help="windows to measure (default: 16 32 64 128 192 256 384, analysis.layer_loss.WINDOWS)")
     calibrate.add_argument("--backend", default="auto", choices=backends)
     calibrate.add_argument("--output", required=True, help="layer_losses.json to write")
     calibrate.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "groups"])
     ablate.add_argument("--classifications", help="head_classifications.json (groups G, I, J, K, head_aware)")
     ablate.add_argument("--statistics", help="head_statistics.json (from_budget rows)")
-    ablate.add_argument("--layer-losses", help="layer_losses.json of `headkv calibrate`: adds from_budget_measured rows, priced by them")
+    ablate.add_argument("--layer-losses",
+                        help="layer_losses.json of `headkv calibrate`: adds from_budget_measured rows, priced by them")
     ablate.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     ablate.add_argument("--max-tokens", type=int, default=1000)
     ablate.add_argument("--windows", type=int, default=1, help="evaluate this many consecutive windows of --max-tokens")

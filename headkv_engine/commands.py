@@ -33,7 +33,7 @@ def analyze(args) -> int:
 
 
 def calibrate(args) -> int:
-    from headkv_engine.analysis.layer_loss import measure_layer_losses  # noqa: PLC0415
+    from headkv_engine.analysis.layer_loss import WINDOWS, measure_layer_losses  # noqa: PLC0415
     from headkv_engine.profile import write_json_atomic  # noqa: PLC0415
 
     if os.path.exists(args.output) and not args.force:
@@ -42,7 +42,7 @@ def calibrate(args) -> int:
     text = loading.load_text(args.text_file, None)
     ids = loading.encode_windows(tokenizer, text, args.max_tokens, args.windows, builtin=args.model == loading.BUILTIN,
                                  offset=args.offset)
-    result = measure_layer_losses(model, ids, sink_size=args.sink_size, windows=args.window_sizes,
+    result = measure_layer_losses(model, ids, sink_size=args.sink_size, windows=args.window_sizes or WINDOWS,
                                   backend=args.backend, progress=True)
     result["model"] = name
     write_json_atomic(args.output, result)
