@@ -191,6 +191,9 @@ def _decode_fused_kernel(
             if tl.atomic_add(arrived_ptr + bh, 1, sem="acq_rel") == head_chunks - 1:
                 _merge_chunks(part_o_ptr, part_m_ptr, part_l_ptr, out_ptr, part_m_ptr, part_m_ptr, bh, num_chunks,
                               head_chunks, d, d_ok, HEAD_DIM, BLOCK_C, False)
+                # every chunk of this head has counted itself: zero the counter for the next launch, so that no
+                # memset launch precedes this kernel
+                tl.store(arrived_ptr + bh, 0)
 
 
 def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_sink=None, fill=None,
@@ -225,7 +228,7 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
     if fused:
         if with_stats:
             raise ValueError("fused: the step statistics are computed by the two-pass launch only")
-        arrived = torch.zeros(rows, device=q.device, dtype=torch.int32)
+        arrived = arrival_counters(q.device, rows)
         _decode_fused_kernel[(rows, num_chunks)](
             q, q_sink if has_qsink else q, k_pool, v_pool, base, length, sink_size if has_qsink else base,
             fill if fill is not None else q, out, part_o, part_m, part_l, arrived, scale, heads, num_chunks,
@@ -252,6 +255,27 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
         WITH_STATS=with_stats,
     )
     return (out, stats_out) if with_stats else out
+
+
+_ARRIVAL_COUNTERS = {}
+
+
+def arrival_counters(device, rows):
+    """Zeroed int32 counters [>= rows] for the fused launch, one buffer per (device, stream), kept between calls.
+
+    The fused kernel leaves them zero (the merging program resets its head's counter), so a decode step is one
+    launch, with no memset before it. Launches on one stream are ordered, so they may share the buffer; another
+    stream gets its own.
+    """
+    import torch  # noqa: PLC0415
+
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    counters = _ARRIVAL_COUNTERS.get(key)
+    if counters is None or counters.numel() < rows:
+        counters = torch.zeros(triton.next_power_of_2(rows), device=device, dtype=torch.int32)
+        _ARRIVAL_COUNTERS[key] = counters
+    return counters
 
 
 def _multiprocessors(device) -> int:
