@@ -11,7 +11,6 @@ bytes of their KV caches.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -25,6 +24,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 import headkv_engine as hk
 from headkv_engine.backends import resolve_backend
+from headkv_engine.files import read_csv, write_csv_atomic
 from headkv_engine.quickstart import dense_cache_nbytes, seed_mix_profile
 
 
@@ -108,14 +108,9 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"| {r['context']} | {r['dense_ms_per_token']:.1f} | {r['ragged_ms_per_token']:.1f} | {r['speedup']:.2f}x | "
               f"{r['dense_kv_bytes'] / 2**20:.1f} | {r['ragged_kv_bytes'] / 2**20:.1f} | {100 * r['kv_fraction']:.1f}% |")
-    if args.csv:
+    if args.csv:  # earlier rows are kept: the file is read, extended and written back atomically
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        new_file = not os.path.exists(args.csv)
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new_file:
-                writer.writeheader()
-            writer.writerows(rows)
+        write_csv_atomic(args.csv, (read_csv(args.csv) if os.path.exists(args.csv) else []) + rows)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Sweep of the Triton decode launch parameters (chunk rows, tile rows, warps, two-pass or fused) at pythia-2.8b shape, seed mix.
 
     python bench/gpu_decode_sweep.py     # CUDA-graph time per configuration, best first
+    python bench/gpu_decode_sweep.py --chunks 64 256 1024 --blocks 32 64 --warps 2 4   # a smaller grid (fewer compiles)
 """
 
+import argparse
 import itertools
 
 import torch
@@ -13,14 +15,18 @@ from headkv_engine.kernel_sources import triton_module
 from gpu_kernels import HEADS, HEAD_DIM, graph_ms, ragged_cache  # noqa: E402
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chunks", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
+    args = parser.parse_args(argv)
     decode = triton_module("decode").decode_attention
     for batch, context in ((1, 8192), (1, 32768), (8, 8192)):
         k_pool, v_pool, base, kept, _, _ = ragged_cache(batch, context, torch.float16, torch.device("cuda"))
         q = torch.randn(batch, HEADS, HEAD_DIM, dtype=torch.float16, device="cuda")
         results = []
-        for chunk, block_n, warps, fused in itertools.product((64, 128, 256, 512, 1024), (16, 32, 64, 128), (1, 2, 4, 8),
-                                                             (False, True)):
+        for chunk, block_n, warps, fused in itertools.product(args.chunks, args.blocks, args.warps, (False, True)):
             if block_n > chunk:
                 continue
             ms = graph_ms(lambda: decode(q, k_pool, v_pool, base, kept, 0.1, max_length=context, chunk=chunk,
@@ -32,6 +38,10 @@ def main():
         print(f"batch {batch} context {context}: default {1000 * default:.1f} us; best "
               + "; ".join(f"{1000 * ms:.1f} us (chunk {c}, block {b}, warps {w}{', fused' if f else ''}, "
                           f"{gbps / (ms * 1e-3):.0f} GB/s)" for ms, c, b, w, f in results[:4]), flush=True)
+        for fused in (False, True):
+            best = min(r for r in results if r[4] == fused)
+            print(f"  best {'fused' if fused else 'two-pass'}: {1000 * best[0]:.1f} us (chunk {best[1]}, block "
+                  f"{best[2]}, warps {best[3]}, {gbps / (best[0] * 1e-3):.0f} GB/s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ and the fused one (`*_fused_*`: the last chunk of a head merges); vs torch SDPA 
 flash-attn / FlashInfer when installed. Prefill: a windowed head (sink 4 + window 8 / 24) vs dense causal SDPA.
 Shapes: pythia-2.8b attention (32 heads of 80), the seed's head mix, contexts 1k-64k, batch 1-16.
 
-    python bench/gpu_kernels.py --csv bench/results/gpu_kernels.csv
+    python bench/gpu_kernels.py --csv bench/results/gpu_kernels.csv --force
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import subprocess
@@ -26,6 +25,7 @@ import triton
 import triton.testing
 
 from headkv_engine import ops
+from headkv_engine.files import write_csv_atomic
 from headkv_engine.kernel_sources import triton_module
 from headkv_engine.quickstart import seed_mix_profile
 
@@ -111,7 +111,7 @@ def bench_decode(batch, context, dtype, device, copy_bw):
 
     ours_layer, sdpa_layer = graph_ms(ours_layers) / layers, graph_ms(sdpa_layers) / layers
     fused_layer = graph_ms(fused_layers) / layers
-    del dense, caches
+    dense.clear(), caches.clear()  # free the extra layers before the library baselines
     row = {
         "op": "decode", "batch": batch, "context": context, "dtype": str(dtype).replace("torch.", ""),
         "ours_ms": ours, "sdpa_dense_ms": sdpa, "speedup_vs_sdpa": sdpa / ours,
@@ -125,14 +125,45 @@ def bench_decode(batch, context, dtype, device, copy_bw):
         "ours_fused_ms": fused, "ours_fused_layer_ms": fused_layer,
         "bw_ratio_fused_layer": kv_bytes / (fused_layer * 1e-3) / copy_bw,
     }
+    row.update(library_baselines(q, k_dense, v_dense))
+    return row
+
+
+def library_baselines(q, k_dense, v_dense) -> dict:
+    """Graph time of flash-attn's and FlashInfer's decode over the same dense cache, where installed.
+
+    A library that is absent records "not installed"; one that refuses the shape (FlashInfer builds some head
+    sizes only) records its error, so a missing figure always says why.
+    """
+    batch, heads, context, head_dim = k_dense.shape
+    row = {}
+    kc, vc = k_dense.transpose(1, 2).contiguous(), v_dense.transpose(1, 2).contiguous()  # [B, T, H, D]
     try:
         from flash_attn import flash_attn_with_kvcache  # noqa: PLC0415
-
-        kc, vc = k_dense.transpose(1, 2).contiguous(), v_dense.transpose(1, 2).contiguous()
+    except ImportError:
+        row["flash_attn_dense_ms"] = "not installed"
+    else:
         qf = q[:, None]
         row["flash_attn_dense_ms"] = graph_ms(lambda: flash_attn_with_kvcache(qf, kc, vc))
+    try:
+        import flashinfer  # noqa: PLC0415
     except ImportError:
-        row["flash_attn_dense_ms"] = None
+        row["flashinfer_dense_ms"] = "not installed"
+        return row
+    try:  # one page per sequence holding its whole context
+        workspace = torch.empty(128 * 2**20, dtype=torch.uint8, device=q.device)
+        pages = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+        last_page_len = torch.full((batch,), context, dtype=torch.int32, device=q.device)
+        # use_cuda_graph: run() then launches kernels only, on these fixed buffers, so graph_ms can capture it
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=pages,
+            paged_kv_indices_buffer=pages[:-1].clone(), paged_kv_last_page_len_buffer=last_page_len)
+        wrapper.plan(pages, pages[:-1], last_page_len, heads, heads, head_dim, context, q_data_type=q.dtype,
+                     kv_data_type=q.dtype)
+        paged = torch.stack([kc, vc], dim=1)  # [pages, 2, page_size, H, D]
+        row["flashinfer_dense_ms"] = graph_ms(lambda: wrapper.run(q, paged))
+    except Exception as error:  # noqa: BLE001 - recorded in the CSV, not hidden
+        row["flashinfer_dense_ms"] = f"error: {type(error).__name__}: {str(error)[:120]}"
     return row
 
 
@@ -196,7 +227,10 @@ def main(argv=None):
     parser.add_argument("--statistics-tokens", type=int, nargs="*", default=[2048, 8192])
     parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--csv", default="bench/results/gpu_kernels.csv")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing CSV")
     args = parser.parse_args(argv)
+    if os.path.exists(args.csv) and not args.force:
+        raise SystemExit(f"{args.csv} exists; pass --force to overwrite it")
     device = torch.device("cuda")
     dtype = torch.float16
     meta = {
@@ -221,13 +255,8 @@ def main(argv=None):
     for tokens in args.statistics_tokens:
         rows.append(bench_statistics(tokens, device))
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
-    fields = sorted({key for row in rows for key in row} | set(meta))
     os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**meta, **row})
+    write_csv_atomic(args.csv, [{**meta, **row} for row in rows])
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s on {meta['device']}; wrote {args.csv}")
 
 

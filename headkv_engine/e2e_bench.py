@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from headkv_engine import __version__, loading
-from headkv_engine.files import write_text_atomic
+from headkv_engine.files import write_csv_atomic, write_text_atomic
 from headkv_engine.methods import fix_size_l2, l2_compress
 from headkv_engine.patching import patch_model
 from headkv_engine.profile import Profile, write_json_atomic
@@ -185,15 +185,8 @@ def _machine(device) -> str:
 
 
 def _write(rows, output_dir):
-    import csv  # noqa: PLC0415
-
     os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "bench_results.csv")
-    with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(path + ".tmp", path)
+    write_csv_atomic(os.path.join(output_dir, "bench_results.csv"), rows)
     write_json_atomic(os.path.join(output_dir, "bench_results.json"), rows)
     r0 = rows[0]
     lines = [f"# End-to-end generation: {r0['model']}", "",

@@ -13,6 +13,26 @@ def write_text_atomic(path, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def write_csv_atomic(path, rows) -> None:
+    """Rows (dicts) as CSV; the columns are every key in the order of first appearance, blank where a row lacks one."""
+    import csv  # noqa: PLC0415
+
+    path = os.fspath(path)
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
+
+
+def read_csv(path) -> list[dict]:
+    import csv  # noqa: PLC0415
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
 def save_figure(fig, path, dpi: int = 110) -> None:
     """Lay out, save (atomically) and close a matplotlib figure."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
