@@ -1,4 +1,6 @@
-"""Sweep of the Triton decode launch parameters (chunk rows, tile rows, warps, two-pass or fused) at pythia-2.8b shape, seed mix.
+"""Sweep of the Triton decode launch parameters (chunk rows, tile rows, warps, two-pass or fused), pythia-2.8b shape.
+
+The seed's head mix, fp16; each configuration is timed as a CUDA-graph replay.
 
     python bench/gpu_decode_sweep.py     # CUDA-graph time per configuration, best first
     python bench/gpu_decode_sweep.py --chunks 64 256 1024 --blocks 32 64 --warps 2 4   # a smaller grid (fewer compiles)
@@ -8,11 +10,9 @@ import argparse
 import itertools
 
 import torch
-import triton.testing
+from gpu_kernels import HEAD_DIM, HEADS, graph_ms, ragged_cache
 
 from headkv_engine.kernel_sources import triton_module
-
-from gpu_kernels import HEADS, HEAD_DIM, graph_ms, ragged_cache  # noqa: E402
 
 
 def main(argv=None):

@@ -121,6 +121,50 @@ def test_decode_statistics_match_reference(dtype, chunk):
     torch.testing.assert_close(again, want, atol=1e-4, rtol=1e-4)
 
 
+def timing_every_config(monkeypatch, tuned):
+    """Let a Triton autotuner run on CPU (the interpreter has no GPU timer): each config is run once and timed
+    with the wall clock; returns the list of configs it tried."""
+    import time
+
+    tried = []
+
+    def bench(kernel_call, quantiles=None):
+        start = time.perf_counter()
+        kernel_call()
+        return [time.perf_counter() - start] * 3
+
+    original = tuned._bench
+
+    def recording(*args, config, **meta):
+        tried.append(config)
+        return original(*args, config=config, **meta)
+
+    monkeypatch.setitem(tuned.__dict__, "do_bench", bench)  # shadows the cached property that asks for a GPU
+    monkeypatch.setattr(tuned, "_bench", recording)
+    monkeypatch.setattr(tuned, "cache", {})
+    return tried
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["two-pass", "fused"])
+def test_autotuned_decode_tries_every_config_and_matches_reference(monkeypatch, fused):
+    """The path CUDA takes by default: the tuner times each tile config, then the launch with the chosen one
+    (outputs of every tuning run, and of the final launch, are complete)."""
+    from headkv_engine.kernel_sources import triton_module
+
+    mod = triton_module("decode")
+    tuned = mod._decode_fused_kernel_tuned if fused else mod._decode_chunk_kernel_tuned
+    tried = timing_every_config(monkeypatch, tuned)
+    (k_pool, v_pool, _), base, length = filled_cache(2, 16, seen=[150, 9], dtype=torch.float16, seed=8)
+    q = torch.randn(2, len(SINKS), 16, generator=torch.Generator().manual_seed(9)).half().to(DEVICE)
+    want = ops.decode_attention_reference(q, k_pool, v_pool, base, length, scale=0.3)
+    for _ in range(2):  # the second call reuses the tuned config
+        got = mod.decode_attention(q, k_pool, v_pool, base, length, 0.3, fused=fused, autotune=True)
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert tried == mod._DECODE_CONFIGS
+    with pytest.raises(ValueError, match="autotune"):
+        mod.decode_attention(q, k_pool, v_pool, base, length, 0.3, autotune=True, block_n=32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cached", [False, True], ids=["empty-cache", "cached-prefix"])
 def test_prefill_matches_reference(dtype, cached):
@@ -162,6 +206,29 @@ def test_prefill_small_blocks_skip_tiles_exactly():
     got = mod.prefill_attention(*args, head_dim**-0.5, block_m=16, block_n=16)
     want = ops.prefill_attention_reference(*args, scale=head_dim**-0.5)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_autotuned_prefill_tries_every_config_and_matches_reference(monkeypatch):
+    """CUDA's default prefill path: every tile config (16-key tiles included) is timed, the chosen one launched,
+    and a block of another length in the same power-of-two class reuses the tuning."""
+    mod = pytest.importorskip("headkv_engine.kernel_sources").triton_module("prefill")
+    tried = timing_every_config(monkeypatch, mod._prefill_kernel_tuned)
+    head_dim = 16
+    empty = torch.zeros(0, head_dim, device=DEVICE)
+    none = torch.zeros(1, len(SINKS), dtype=torch.long, device=DEVICE)
+    sink, window = policy()
+    for tokens in (40, 50):  # both in the class of 64
+        gen = torch.Generator().manual_seed(tokens)
+        q, k, v = (torch.randn(1, len(SINKS), tokens, head_dim, generator=gen).to(DEVICE) for _ in range(3))
+        positions = torch.arange(tokens, device=DEVICE)[None]
+        args = (q, k, v, positions, empty, empty, torch.zeros(0, dtype=torch.long, device=DEVICE), none, none, sink,
+                window)
+        got = mod.prefill_attention(*args, head_dim**-0.5, autotune=True)
+        torch.testing.assert_close(got, ops.prefill_attention_reference(*args, scale=head_dim**-0.5), atol=2e-5,
+                                   rtol=2e-5)
+    assert tried == mod.PREFILL_CONFIGS
+    with pytest.raises(ValueError, match="autotune"):
+        mod.prefill_attention(*args, head_dim**-0.5, autotune=True, block_n=16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -234,8 +301,9 @@ def test_head_statistics_tiles_and_blocks_do_not_change_the_sums():
 
 def test_analyze_with_triton_statistics_matches_reference():
     """hk.analyze over a tiny model, in chunks, with the Triton statistics kernel."""
-    import headkv_engine as hk
     from reference_model import tiny_model
+
+    import headkv_engine as hk
 
     model = tiny_model(2, 4, 16).to(DEVICE)
     ids = torch.randint(0, 97, (1, 50), generator=torch.Generator().manual_seed(3)).to(DEVICE)

@@ -197,26 +197,32 @@ def _decode_fused_kernel(
 
 
 def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_sink=None, fill=None,
-                     max_length=None, chunk=None, block_n=None, num_warps=None, stats=None, fused=False):
+                     max_length=None, chunk=None, block_n=None, num_warps=None, stats=None, fused=False, autotune=None):
     """Launch: q [B, H, D] contiguous, pools [N, D], base/length int64 [B, H]; returns [B, H, D].
 
     max_length (an upper bound of `length` known on the host) avoids a device synchronisation. stats:
     None, or (pos_pool [N], query_position [B], sink_tokens, local_window); then returns (out, [B, H, 3] fp32
     entropy / sink mass / local mass). fused: one launch (the last chunk of a head merges) instead of a chunk
-    pass and a merge pass; without stats only.
+    pass and a merge pass; without stats only. autotune: pick the tile rows and warps by timing (default: on CUDA,
+    unless block_n or num_warps is given); else block_n (64) and num_warps (Triton's default) as given.
     """
     import torch  # noqa: PLC0415
 
     batch, heads, head_dim = q.shape
     block_d = triton.next_power_of_2(head_dim)
-    block_n = block_n or 64
+    if autotune is None:
+        autotune = q.device.type == "cuda" and block_n is None and num_warps is None
+    if autotune and (block_n is not None or num_warps is not None):
+        raise ValueError("autotune=True picks block_n and num_warps itself: pass neither")
+    # launch parameters: chosen by the tuner, or fixed here
+    tiling = {} if autotune else {"BLOCK_N": block_n or 64, **({"num_warps": num_warps} if num_warps else {})}
     max_len = max_length if max_length is not None else (int(length.max()) if length.numel() else 0)
     if chunk is None:
         # Split the rows of all heads (the pool size, known on the host) into about 8 chunks per SM, so that
         # long heads spread over the whole GPU; window heads stay one chunk.
         programs = 8 * _multiprocessors(q.device)
         chunk = triton.next_power_of_2(max(1, triton.cdiv(k_pool.shape[0], programs)))
-        chunk = max(block_n, min(chunk, 4096))
+        chunk = max(MIN_CHUNK if autotune else tiling["BLOCK_N"], min(chunk, 4096))
     num_chunks = max(1, triton.cdiv(max_len, chunk))
     rows = batch * heads
     part_o = torch.empty(rows, num_chunks, head_dim, device=q.device, dtype=torch.float32)
@@ -229,12 +235,12 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
         if with_stats:
             raise ValueError("fused: the step statistics are computed by the two-pass launch only")
         arrived = arrival_counters(q.device, rows)
-        _decode_fused_kernel[(rows, num_chunks)](
+        kernel = _decode_fused_kernel_tuned if autotune else _decode_fused_kernel
+        kernel[(rows, num_chunks)](
             q, q_sink if has_qsink else q, k_pool, v_pool, base, length, sink_size if has_qsink else base,
             fill if fill is not None else q, out, part_o, part_m, part_l, arrived, scale, heads, num_chunks,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
-            BLOCK_C=triton.next_power_of_2(num_chunks), HAS_QSINK=has_qsink, HAS_FILL=fill is not None,
-            **({"num_warps": num_warps} if num_warps else {}),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, CHUNK=chunk, BLOCK_C=triton.next_power_of_2(num_chunks),
+            HAS_QSINK=has_qsink, HAS_FILL=fill is not None, **tiling,
         )
         return out
     if with_stats:
@@ -243,11 +249,11 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
         stats_out = torch.empty(batch, heads, 3, device=q.device, dtype=torch.float32)
     else:
         pos_pool, query_position, stat_sink, stat_local, part_stats, stats_out = base, base, 0, 0, part_m, part_m
-    _decode_chunk_kernel[(rows, num_chunks)](
+    kernel = _decode_chunk_kernel_tuned if autotune else _decode_chunk_kernel
+    kernel[(rows, num_chunks)](
         q, q_sink if has_qsink else q, k_pool, v_pool, base, length, sink_size if has_qsink else base,
         part_o, part_m, part_l, pos_pool, query_position, part_stats, stat_sink, stat_local, scale, heads, num_chunks,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, HAS_QSINK=has_qsink, WITH_STATS=with_stats,
-        **({"num_warps": num_warps} if num_warps else {}),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, CHUNK=chunk, HAS_QSINK=has_qsink, WITH_STATS=with_stats, **tiling,
     )
     _decode_merge_kernel[(rows,)](
         part_o, part_m, part_l, fill if fill is not None else part_o, out, part_stats, stats_out, heads, num_chunks,
@@ -256,6 +262,19 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
     )
     return (out, stats_out) if with_stats else out
 
+
+# Tile rows and warps, autotuned on CUDA per (head size, chunk rows, variant, dtype): never per context length, so a
+# decode loop tunes once per chunk size (a power of two that changes only as the pool doubles), before any graph
+# capture. Every tile fits in the smallest chunk the launcher picks (64 rows).
+_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in ((16, 1), (32, 2), (64, 2), (64, 4), (32, 4))
+]
+MIN_CHUNK = 64
+_decode_chunk_kernel_tuned = triton.autotune(
+    _DECODE_CONFIGS, key=["HEAD_DIM", "CHUNK", "HAS_QSINK", "WITH_STATS"])(_decode_chunk_kernel)
+# the fused kernel leaves its counters zero after every run, so the tuner may run it repeatedly
+_decode_fused_kernel_tuned = triton.autotune(
+    _DECODE_CONFIGS, key=["HEAD_DIM", "CHUNK", "HAS_QSINK", "HAS_FILL"])(_decode_fused_kernel)
 
 _ARRIVAL_COUNTERS = {}
 

@@ -35,7 +35,7 @@ def _tile(acc, m, l, q, qs, k_tile_ptr, v_tile_ptr, kp, q_pos, sink, window, sca
 def _prefill_kernel(
     q_ptr, qs_ptr, k_ptr, v_ptr, pos_ptr, kpool_ptr, vpool_ptr, ppool_ptr, base_ptr, len_ptr,
     sink_ptr, window_ptr, fill_ptr, out_ptr,
-    scale, num_heads, tokens,
+    scale, num_heads, tokens, tokens_class,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_QSINK: tl.constexpr, HAS_FILL: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -54,7 +54,8 @@ def _prefill_kernel(
     q = tl.load(q_ptr + seq + rows[:, None] * HEAD_DIM + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     qs = q
     if HAS_QSINK:
-        qs = tl.load(qs_ptr + seq + rows[:, None] * HEAD_DIM + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        qs = tl.load(qs_ptr + seq + rows[:, None] * HEAD_DIM + d[None, :], mask=r_ok[:, None] & d_ok[None, :],
+                     other=0.0)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -102,19 +103,25 @@ def _prefill_kernel(
              mask=r_ok[:, None] & d_ok[None, :])
 
 
+# Tiles autotuned on CUDA per (head size, power of two above the block's length, variant, dtype): prompts of
+# nearby lengths share a tuning. The 16-key tiles serve launches whose heads keep few keys (sink + window <= 16):
+# a window head visits a sink tile and one or two window tiles, so narrower tiles read less.
+PREFILL_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+    for bm, bn, w, st in [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2), (64, 64, 8, 3),
+                          (128, 32, 4, 2), (64, 16, 4, 2), (128, 16, 4, 2)]
+]
 _prefill_kernel_tuned = triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2), (64, 64, 8, 3),
-                              (128, 32, 4, 2)]
-    ],
-    key=["HEAD_DIM", "tokens", "HAS_QSINK", "PRECISION"],
-)(_prefill_kernel)
+    PREFILL_CONFIGS, key=["HEAD_DIM", "tokens_class", "HAS_QSINK", "PRECISION"])(_prefill_kernel)
 
 
 def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size, window_size, scale,
-                      q_sink=None, fill=None, block_m=None, block_n=None):
-    """Launch: q, k, v [B, H, T, D] contiguous; returns [B, H, T, D]."""
+                      q_sink=None, fill=None, block_m=None, block_n=None, autotune=None):
+    """Launch: q, k, v [B, H, T, D] contiguous; returns [B, H, T, D].
+
+    autotune: pick the query / key tile sizes by timing (default: on CUDA, unless block_m or block_n is given);
+    else block_m and block_n (64 each) as given.
+    """
     import torch  # noqa: PLC0415
 
     batch, heads, tokens, head_dim = q.shape
@@ -133,11 +140,16 @@ def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length
     args = (
         q, q_sink if q_sink is not None else q, k, v, positions, k_pool, v_pool, pos_pool, base, length,
         sink_size, window_size, fill if fill is not None else q, out, scale, heads, tokens,
+        triton.next_power_of_2(tokens),
     )
     # fp32 inputs keep fp32 products (no TF32), so the fp32 tolerance of the references holds.
     flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_QSINK=q_sink is not None, HAS_FILL=fill is not None,
                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    if q.device.type == "cuda" and block_m is None and block_n is None:
+    if autotune is None:
+        autotune = q.device.type == "cuda" and block_m is None and block_n is None
+    if autotune and (block_m is not None or block_n is not None):
+        raise ValueError("autotune=True picks block_m and block_n itself: pass neither")
+    if autotune:
         grid = lambda meta: (batch * heads, triton.cdiv(tokens, meta["BLOCK_M"]))  # noqa: E731
         _prefill_kernel_tuned[grid](*args, **flags)
     else:

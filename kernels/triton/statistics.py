@@ -51,8 +51,8 @@ def _head_statistics_kernel(
     take = (i < tokens_q) & (pos >= min_query)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q = tl.load(q_ptr + (h * tokens_q + i)[:, None] * HEAD_DIM + d[None, :], mask=(i < tokens_q)[:, None] & d_ok[None, :],
-                other=0.0)
+    q = tl.load(q_ptr + (h * tokens_q + i)[:, None] * HEAD_DIM + d[None, :],
+                mask=(i < tokens_q)[:, None] & d_ok[None, :], other=0.0)
     head_k = h * tokens_k * HEAD_DIM
     last = tl.minimum(q_start + blk * BLOCK_Q + BLOCK_Q, tokens_k)  # keys past the block's last query are masked
 
