@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check in one run, sized for one device call of at most 10 minutes (about 8 here on an H100/H200):
-# the CUDA tests, the kernel benchmark and a reduced decode launch sweep. Logs and CSVs go to $OUT (or ./gpu-out).
+# Every GPU check in one run, sized for one device call of at most 10 minutes (the limits below add up to 9):
+# the CUDA tests, the kernel benchmark (and its tables for RESULTS.md), a reduced decode launch sweep, and
+# `headkv bench` of every method on the built-in model on CUDA. Logs, CSVs and tables go to $OUT (or ./gpu-out).
 #
 #   HEADKV_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh
 #
@@ -22,21 +23,27 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, 'commit', '${HEADKV_COMMIT:-unknown}')"
-} 2>&1 | tee "$OUT/versions.txt"
+} 2>&1 | tee "$OUT/log.txt"
 
 status=0
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, remember a failure
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/log.txt, remember a failure
     local name=$1 limit=$2
     shift 2
-    echo "== $name (limit ${limit}s)"
+    echo "== $name (limit ${limit}s)" | tee -a "$OUT/log.txt"
     local start=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/log.txt"
     local rc=${PIPESTATUS[0]}
-    echo "== $name: exit $rc after $((SECONDS - start))s"
+    echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$OUT/log.txt"
     [ "$rc" -eq 0 ] || status=1
 }
 
-step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_ops.py
-step kernels 270 python3 bench/gpu_kernels.py --csv "$OUT/gpu_kernels.csv" --force
-step sweep 90 python3 bench/gpu_decode_sweep.py --chunks 64 256 1024 --blocks 32 64 --warps 2 4
-exit $status
+step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_ops.py
+step kernels 240 python3 bench/gpu_kernels.py --csv "$OUT/gpu_kernels.csv" --force
+[ -f "$OUT/gpu_kernels.csv" ] && python3 bench/gpu_report.py "$OUT/gpu_kernels.csv" >"$OUT/gpu_kernels.md"
+step sweep 75 python3 bench/gpu_decode_sweep.py --chunks 64 256 1024 --blocks 32 64 --warps 2 4
+analysis=bench/results/builtin/analysis
+step bench 90 python3 -m headkv_engine.cli bench --compare-all --statistics $analysis/head_statistics.json \
+    --classifications $analysis/head_classifications.json --budget 64 --num-samples 2 --max-tokens 1024 \
+    --max-new-tokens 32 --device cuda --output-dir /tmp/bench_builtin --force
+cp /tmp/bench_builtin/bench_results.csv /tmp/bench_builtin/bench_results.md "$OUT/" 2>/dev/null
+exit $status  # $OUT: log.txt, gpu_kernels.csv / .md, bench_results.csv / .md (the device returns at most 8 files)
