@@ -6,7 +6,8 @@ call of a graph that runs the op for L layers in a row, each over its own cache 
 together are >= 8x the L2 cache), as a decode step of an L-layer model does.
 Decode: bandwidth = bytes of kept K/V read / time, beside the device-to-device copy bandwidth measured in the
 same run (bytes read + written / time) and the ratio of the two, for the two-pass launch (chunks, then merge)
-and the fused one (`*_fused_*`: the last chunk of a head merges); vs torch SDPA over the dense cache, and vs
+and the fused one (`*_fused_*`: the last chunk of a head merges), each also with the step statistics
+(`*_stats_ms`: entropy, sink and local mass in the same pass); vs torch SDPA over the dense cache, and vs
 flash-attn / FlashInfer when installed. Prefill: a windowed head (sink 4 + window 8 / 24) vs dense causal SDPA.
 Shapes: pythia-2.8b attention (32 heads of 80), the seed's head mix, contexts 1k-64k, batch 1-16.
 
@@ -82,6 +83,15 @@ def bench_decode(batch, context, dtype, device, copy_bw):
     def fused_fn():  # the one-launch variant of the same kernel
         return launch(q, k_pool, v_pool, base, kept, scale, max_length=context, fused=True)
 
+    # with this step's entropy / sink / local mass (the positions only steer the masks)
+    stats = (torch.arange(k_pool.shape[0], device=device) % context, torch.full((batch,), context, device=device), 4, 8)
+
+    def stats_fn():
+        return launch(q, k_pool, v_pool, base, kept, scale, max_length=context, stats=stats)
+
+    def fused_stats_fn():
+        return launch(q, k_pool, v_pool, base, kept, scale, max_length=context, stats=stats, fused=True)
+
     kv_bytes = k_pool.nbytes + v_pool.nbytes
     k_dense = torch.randn(batch, HEADS, context, HEAD_DIM, dtype=dtype, device=device)
     v_dense = torch.randn_like(k_dense)
@@ -124,6 +134,7 @@ def bench_decode(batch, context, dtype, device, copy_bw):
         "speedup_vs_sdpa_layer": sdpa_layer / ours_layer, "bw_ratio_layer": kv_bytes / (ours_layer * 1e-3) / copy_bw,
         "ours_fused_ms": fused, "ours_fused_layer_ms": fused_layer,
         "bw_ratio_fused_layer": kv_bytes / (fused_layer * 1e-3) / copy_bw,
+        "ours_stats_ms": graph_ms(stats_fn), "ours_fused_stats_ms": graph_ms(fused_stats_fn),
     }
     row.update(library_baselines(q, k_dense, v_dense))
     return row

@@ -36,9 +36,9 @@ def percent(row, key):
 def decode_table(rows) -> list[str]:
     lines = [
         "| batch | context | kept KV MB | ours ms | fused ms | SDPA dense ms | speedup | share of copy BW"
-        " | per layer: ours ms | fused ms | SDPA ms | share of copy BW (ours / fused) | flash-attn ms"
-        " | FlashInfer ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | per layer: ours ms | fused ms | SDPA ms | share of copy BW (ours / fused) | with stats ms (ours / fused)"
+        " | flash-attn ms | FlashInfer ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         kept = number(r, "kept_kv_bytes")
@@ -50,6 +50,7 @@ def decode_table(rows) -> list[str]:
             f" | {cell(number(r, 'ours_layer_ms'), '.4f')} | {cell(number(r, 'ours_fused_layer_ms'), '.4f')}"
             f" | {cell(number(r, 'sdpa_dense_layer_ms'), '.4f')}"
             f" | {percent(r, 'bw_ratio_layer')} / {percent(r, 'bw_ratio_fused_layer')}"
+            f" | {cell(number(r, 'ours_stats_ms'), '.4f')} / {cell(number(r, 'ours_fused_stats_ms'), '.4f')}"
             f" | {cell(number(r, 'flash_attn_dense_ms'), '.4f')} | {cell(number(r, 'flashinfer_dense_ms'), '.4f')} |")
     return lines
 

@@ -91,14 +91,14 @@ def test_fused_decode_matches_reference(dtype, chunk):
             # the merging programs zeroed the counters they used: the next launch needs no memset
             counters = triton_module("decode").arrival_counters(q.device, q.shape[0] * q.shape[1])
             assert counters.numel() >= q.shape[0] * q.shape[1] and not counters.any()
-    with pytest.raises(ValueError, match="fused"):
-        launch(q, k_pool, v_pool, base, length, 0.3, fused=True, stats=(base, base, 4, 8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [None, 16], ids=["default-chunks", "many-chunks"])
-def test_decode_statistics_match_reference(dtype, chunk):
-    """Entropy, sink and local mass of the step's attention, merged across split-K chunks."""
+@pytest.mark.parametrize("fused", [False, True], ids=["two-pass", "fused"])
+def test_decode_statistics_match_reference(dtype, chunk, fused):
+    """Entropy, sink and local mass of the step's attention, merged across split-K chunks (by the merge pass,
+    or by the last chunk of each head in the fused launch)."""
     from headkv_engine.kernel_sources import triton_module
 
     batch, head_dim = 2, 16
@@ -110,7 +110,7 @@ def test_decode_statistics_match_reference(dtype, chunk):
     want_out, want = ops.decode_attention_reference(q, k_pool, v_pool, base, length, scale=0.3, return_stats=True,
                                                     pos_pool=pos_pool, query_position=query_position, **stat)
     got_out, got = triton_module("decode").decode_attention(
-        q, k_pool, v_pool, base, length, 0.3, chunk=chunk, block_n=16 if chunk else None,
+        q, k_pool, v_pool, base, length, 0.3, chunk=chunk, block_n=16 if chunk else None, fused=fused,
         stats=(pos_pool, query_position, stat["stat_sink"], stat["stat_local"]))
     torch.testing.assert_close(got_out.float(), want_out.float(), atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -159,12 +159,13 @@ def _decode_merge_kernel(
 def _decode_fused_kernel(
     q_ptr, qs_ptr, k_ptr, v_ptr, base_ptr, len_ptr, sink_ptr, fill_ptr, out_ptr,
     part_o_ptr, part_m_ptr, part_l_ptr, arrived_ptr,
+    pos_ptr, qpos_ptr, part_stats_ptr, stats_ptr, stat_sink, stat_local,
     scale, num_heads, num_chunks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_C: tl.constexpr, HAS_QSINK: tl.constexpr, HAS_FILL: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_QSINK: tl.constexpr, HAS_FILL: tl.constexpr, WITH_STATS: tl.constexpr,
 ):
-    """One launch: a head of one chunk writes its output at once; the chunks of a longer head write partials,
-    count themselves in arrived[bh], and the last to arrive merges them."""
+    """One launch: a head of one chunk writes its output (and statistics) at once; the chunks of a longer head
+    write partials, count themselves in arrived[bh], and the last to arrive merges them."""
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
     length = tl.load(len_ptr + bh)
@@ -173,24 +174,32 @@ def _decode_fused_kernel(
     d_ok = d < HEAD_DIM
     if length == 0:
         if chunk == 0:
-            _store_fill(fill_ptr, out_ptr, out_ptr, bh, num_heads, d, d_ok, HEAD_DIM, BLOCK_D, HAS_FILL, False)
+            _store_fill(fill_ptr, out_ptr, stats_ptr, bh, num_heads, d, d_ok, HEAD_DIM, BLOCK_D, HAS_FILL, WITH_STATS)
     elif chunk < head_chunks:
         start = chunk * CHUNK
-        acc, m, l, _t, _s, _l = _chunk_pass(
-            q_ptr, qs_ptr, k_ptr, v_ptr, sink_ptr, len_ptr, len_ptr, bh, tl.load(base_ptr + bh), start,
-            tl.minimum(start + CHUNK, length), scale, num_heads, 0, 1, d, d_ok,
-            HEAD_DIM, BLOCK_D, BLOCK_N, HAS_QSINK, False)
+        acc, m, l, t, sink_e, local_e = _chunk_pass(
+            q_ptr, qs_ptr, k_ptr, v_ptr, sink_ptr, pos_ptr, qpos_ptr, bh, tl.load(base_ptr + bh), start,
+            tl.minimum(start + CHUNK, length), scale, num_heads, stat_sink, stat_local, d, d_ok,
+            HEAD_DIM, BLOCK_D, BLOCK_N, HAS_QSINK, WITH_STATS)
         if head_chunks == 1:
             tl.store(out_ptr + bh * HEAD_DIM + d, (acc / l).to(out_ptr.dtype.element_ty), mask=d_ok)
+            if WITH_STATS:  # -sum p log p with p = e / l and log p = (s - m) - log l
+                tl.store(stats_ptr + bh * 3 + 0, tl.log(l) - t / l)
+                tl.store(stats_ptr + bh * 3 + 1, sink_e / l)
+                tl.store(stats_ptr + bh * 3 + 2, local_e / l)
         else:
             part = bh * num_chunks + chunk
             tl.store(part_o_ptr + part * HEAD_DIM + d, acc, mask=d_ok)
             tl.store(part_m_ptr + part, m)
             tl.store(part_l_ptr + part, l)
+            if WITH_STATS:
+                tl.store(part_stats_ptr + part * 3 + 0, t)
+                tl.store(part_stats_ptr + part * 3 + 1, sink_e)
+                tl.store(part_stats_ptr + part * 3 + 2, local_e)
             # acq_rel: this program's partials are visible to whichever program arrives last, and that one sees all
             if tl.atomic_add(arrived_ptr + bh, 1, sem="acq_rel") == head_chunks - 1:
-                _merge_chunks(part_o_ptr, part_m_ptr, part_l_ptr, out_ptr, part_m_ptr, part_m_ptr, bh, num_chunks,
-                              head_chunks, d, d_ok, HEAD_DIM, BLOCK_C, False)
+                _merge_chunks(part_o_ptr, part_m_ptr, part_l_ptr, out_ptr, part_stats_ptr, stats_ptr, bh, num_chunks,
+                              head_chunks, d, d_ok, HEAD_DIM, BLOCK_C, WITH_STATS)
                 # every chunk of this head has counted itself: zero the counter for the next launch, so that no
                 # memset launch precedes this kernel
                 tl.store(arrived_ptr + bh, 0)
@@ -203,7 +212,7 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
     max_length (an upper bound of `length` known on the host) avoids a device synchronisation. stats:
     None, or (pos_pool [N], query_position [B], sink_tokens, local_window); then returns (out, [B, H, 3] fp32
     entropy / sink mass / local mass). fused: one launch (the last chunk of a head merges) instead of a chunk
-    pass and a merge pass; without stats only. autotune: pick the tile rows and warps by timing (default: on CUDA,
+    pass and a merge pass. autotune: pick the tile rows and warps by timing (default: on CUDA,
     unless block_n or num_warps is given); else block_n (64) and num_warps (Triton's default) as given.
     """
     import torch  # noqa: PLC0415
@@ -231,24 +240,22 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
     out = torch.empty_like(q)
     has_qsink = q_sink is not None
     with_stats = stats is not None
-    if fused:
-        if with_stats:
-            raise ValueError("fused: the step statistics are computed by the two-pass launch only")
-        arrived = arrival_counters(q.device, rows)
-        kernel = _decode_fused_kernel_tuned if autotune else _decode_fused_kernel
-        kernel[(rows, num_chunks)](
-            q, q_sink if has_qsink else q, k_pool, v_pool, base, length, sink_size if has_qsink else base,
-            fill if fill is not None else q, out, part_o, part_m, part_l, arrived, scale, heads, num_chunks,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, CHUNK=chunk, BLOCK_C=triton.next_power_of_2(num_chunks),
-            HAS_QSINK=has_qsink, HAS_FILL=fill is not None, **tiling,
-        )
-        return out
     if with_stats:
         pos_pool, query_position, stat_sink, stat_local = stats
         part_stats = torch.empty(rows, num_chunks, 3, device=q.device, dtype=torch.float32)
         stats_out = torch.empty(batch, heads, 3, device=q.device, dtype=torch.float32)
     else:
-        pos_pool, query_position, stat_sink, stat_local, part_stats, stats_out = base, base, 0, 0, part_m, part_m
+        pos_pool, query_position, stat_sink, stat_local, part_stats, stats_out = base, base, 0, 1, part_m, part_m
+    if fused:
+        kernel = _decode_fused_kernel_tuned if autotune else _decode_fused_kernel
+        kernel[(rows, num_chunks)](
+            q, q_sink if has_qsink else q, k_pool, v_pool, base, length, sink_size if has_qsink else base,
+            fill if fill is not None else q, out, part_o, part_m, part_l, arrival_counters(q.device, rows),
+            pos_pool, query_position, part_stats, stats_out, stat_sink, stat_local, scale, heads, num_chunks,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, CHUNK=chunk, BLOCK_C=triton.next_power_of_2(num_chunks),
+            HAS_QSINK=has_qsink, HAS_FILL=fill is not None, WITH_STATS=with_stats, **tiling,
+        )
+        return (out, stats_out) if with_stats else out
     kernel = _decode_chunk_kernel_tuned if autotune else _decode_chunk_kernel
     kernel[(rows, num_chunks)](
         q, q_sink if has_qsink else q, k_pool, v_pool, base, length, sink_size if has_qsink else base,
@@ -274,7 +281,7 @@ _decode_chunk_kernel_tuned = triton.autotune(
     _DECODE_CONFIGS, key=["HEAD_DIM", "CHUNK", "HAS_QSINK", "WITH_STATS"])(_decode_chunk_kernel)
 # the fused kernel leaves its counters zero after every run, so the tuner may run it repeatedly
 _decode_fused_kernel_tuned = triton.autotune(
-    _DECODE_CONFIGS, key=["HEAD_DIM", "CHUNK", "HAS_QSINK", "HAS_FILL"])(_decode_fused_kernel)
+    _DECODE_CONFIGS, key=["HEAD_DIM", "CHUNK", "HAS_QSINK", "HAS_FILL", "WITH_STATS"])(_decode_fused_kernel)
 
 _ARRIVAL_COUNTERS = {}
 
