@@ -67,7 +67,9 @@ def machine() -> str:
 
 def commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -103,11 +105,13 @@ def main(argv=None) -> None:
         })
         print(rows[-1], flush=True)
     print(f"\nmachine: {machine()}; torch {torch.__version__}; backend {backend}; commit {commit()}\n")
-    print("| context | unpatched (sdpa) ms/token | patched ms/token | speedup | dense KV MB | ragged KV MB | KV fraction |")
+    print("| context | unpatched (sdpa) ms/token | patched ms/token | speedup | "
+          "dense KV MB | ragged KV MB | KV fraction |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['context']} | {r['dense_ms_per_token']:.1f} | {r['ragged_ms_per_token']:.1f} | {r['speedup']:.2f}x | "
-              f"{r['dense_kv_bytes'] / 2**20:.1f} | {r['ragged_kv_bytes'] / 2**20:.1f} | {100 * r['kv_fraction']:.1f}% |")
+        print(f"| {r['context']} | {r['dense_ms_per_token']:.1f} | {r['ragged_ms_per_token']:.1f} | "
+              f"{r['speedup']:.2f}x | {r['dense_kv_bytes'] / 2**20:.1f} | {r['ragged_kv_bytes'] / 2**20:.1f} | "
+              f"{100 * r['kv_fraction']:.1f}% |")
     if args.csv:  # earlier rows are kept: the file is read, extended and written back atomically
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
         write_csv_atomic(args.csv, (read_csv(args.csv) if os.path.exists(args.csv) else []) + rows)

@@ -502,7 +502,8 @@ def model_card(m, cfg):
     segment_lr = m["schedule"].get("lr", PEAK_LR)
     restart = (f" (a segment from step {m['schedule']['start']}, peak lr {segment_lr:g})" if m["schedule"]["start"]
                else "")
-    return f"""# headkv-engine built-in model
+    return (
+        f"""# headkv-engine built-in model
 
 A Pythia-architecture GPTNeoX trained from scratch on an offline English corpus, shipped inside the package so
 that the engine runs with no download and has trained attention heads to analyse and compress.
@@ -511,22 +512,41 @@ Every number below is measured by `bench/train_builtin.py export` from the check
 
 | | |
 |---|---|
-| architecture | GPTNeoX, {cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads, hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, partial rotary 0.25, parallel residual, {cfg.max_position_embeddings} positions |
-| parameters | {m['parameters'] / 1e6:.2f} M, stored in fp16 |
-| tokenizer | byte-level BPE, vocabulary {VOCAB}; `{BOS}` (id 0) at position 0 of every window, `{EOS}` (id 1) between documents |
-| corpus | Debian packages: {corpus}; every 20th document held out ({held} documents) |
-| duplicates | perl-doc installs its pods under /usr/share/perl/5.36.0 and a 5.36 symlink to it, and the corpus lists both: {m['corpus']['train_duplicates']} training documents appear twice, and {left_out} held-out documents have a copy in training. Every held-out number here uses only the other {held - left_out} ({clean} documents), heldout.txt included |
-| corpus tokens | {m['train_tokens'] / 1e6:.2f} M train, {m['heldout_tokens'] / 1e6:.2f} M clean held out |
-| training | {m['step']} steps of {BATCH} x {SEQ} tokens = {m['tokens'] / 1e6:.1f} M tokens ({m['tokens'] / m['train_tokens']:.2f} epochs), {m['training_hours']:.1f} h on CPU; AdamW lr 3e-3, betas 0.9 / 0.95, weight decay {WEIGHT_DECAY}, {WARMUP} warm-up steps and cosine decay to 0.1 x lr at step {m['schedule']['end']}{restart}, bf16 autocast, seed {m['seed']} |
-| train loss (last batch) | {m['train_loss']:.3f} |
-| held-out loss / PPL | {m['heldout_loss']:.3f} / {m['heldout_ppl']:.1f} (24 windows of {SEQ} spread over the clean held-out documents, BOS first) |
-| heldout.txt loss / PPL | {h['loss']:.4f} / {h['ppl']:.2f} (first {h['windows']} consecutive windows of {h['window_tokens']} tokens, BOS + {h['window_tokens'] - 1}, fp16 weights computed in fp32) |
-| first-token (sink) mass | max over heads {h['max']:.3f}, mean {h['mean']:.3f}, heads above 0.3: {h['heads_above_0.3']} of {n_heads} |
-| local heads | {h['heads']['local']} of {n_heads} put more than 0.5 of their attention on the last {LOCAL_KEYS} keys |
-| broad heads | {h['heads']['broad']} of {n_heads} have attention entropy above {BROAD_ENTROPY:g} nats |
+"""
+        f"| architecture | GPTNeoX, {cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads, "
+        f"hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, partial rotary 0.25, parallel residual, "
+        f"{cfg.max_position_embeddings} positions |\n"
+        f"| parameters | {m['parameters'] / 1e6:.2f} M, stored in fp16 |\n"
+        f"| tokenizer | byte-level BPE, vocabulary {VOCAB}; `{BOS}` (id 0) at position 0 of every window, "
+        f"`{EOS}` (id 1) between documents |\n"
+        f"| corpus | Debian packages: {corpus}; every 20th document held out ({held} documents) |\n"
+        f"| duplicates | perl-doc installs its pods under /usr/share/perl/5.36.0 and a 5.36 symlink to it, "
+        f"and the corpus lists both: {m['corpus']['train_duplicates']} training documents appear twice, "
+        f"and {left_out} held-out documents have a copy in training. "
+        f"Every held-out number here uses only the other {held - left_out} ({clean} documents), "
+        f"heldout.txt included |\n"
+        f"| corpus tokens | {m['train_tokens'] / 1e6:.2f} M train, {m['heldout_tokens'] / 1e6:.2f} M clean held out |\n"
+        f"| training | {m['step']} steps of {BATCH} x {SEQ} tokens = {m['tokens'] / 1e6:.1f} M tokens "
+        f"({m['tokens'] / m['train_tokens']:.2f} epochs), {m['training_hours']:.1f} h on CPU; "
+        f"AdamW lr 3e-3, betas 0.9 / 0.95, weight decay {WEIGHT_DECAY}, {WARMUP} warm-up steps "
+        f"and cosine decay to 0.1 x lr at step {m['schedule']['end']}{restart}, bf16 autocast, seed {m['seed']} |\n"
+        f"| train loss (last batch) | {m['train_loss']:.3f} |\n"
+        f"| held-out loss / PPL | {m['heldout_loss']:.3f} / {m['heldout_ppl']:.1f} "
+        f"(24 windows of {SEQ} spread over the clean held-out documents, BOS first) |\n"
+        f"| heldout.txt loss / PPL | {h['loss']:.4f} / {h['ppl']:.2f} "
+        f"(first {h['windows']} consecutive windows of {h['window_tokens']} tokens, "
+        f"BOS + {h['window_tokens'] - 1}, fp16 weights computed in fp32) |\n"
+        f"| first-token (sink) mass | max over heads {h['max']:.3f}, mean {h['mean']:.3f}, "
+        f"heads above 0.3: {h['heads_above_0.3']} of {n_heads} |\n"
+        f"| local heads | {h['heads']['local']} of {n_heads} put more than 0.5 of their attention "
+        f"on the last {LOCAL_KEYS} keys |\n"
+        f"""| broad heads | {h['heads']['broad']} of {n_heads} have attention entropy above {BROAD_ENTROPY:g} nats |
 
-Head statistics are means over queries at positions >= {h['sink_from']} on the first {h['sink_windows']} windows of {h['sink_window_tokens']} tokens of heldout.txt (BOS + {h['sink_window_tokens'] - 1}).
-The first-token mass of a head is its attention probability on key 0, the BOS.
+"""
+        f"Head statistics are means over queries at positions >= {h['sink_from']} "
+        f"on the first {h['sink_windows']} windows of {h['sink_window_tokens']} tokens of heldout.txt "
+        f"(BOS + {h['sink_window_tokens'] - 1}).\n"
+        f"""The first-token mass of a head is its attention probability on key 0, the BOS.
 
 This model has {sinks}.
 {sink_note(m, n_heads)}
@@ -545,10 +565,13 @@ This model has {sinks}.
 
 ## Checkpoints
 
-Each kept checkpoint up to this one, measured as above: held-out loss on 24 windows of {SEQ} tokens spread over the clean held-out documents, head statistics on 4 windows of {SINK_LENGTH} tokens of them.
-
+"""
+        f"Each kept checkpoint up to this one, measured as above: held-out loss on 24 windows of {SEQ} tokens "
+        f"spread over the clean held-out documents, head statistics on 4 windows of {SINK_LENGTH} tokens of them.\n"
+        f"""
 {history_table(m['history'])}
 """
+    )
 
 
 def main():

@@ -26,7 +26,6 @@ from headkv_engine.patching import PatchHandle, patch_model, unpatch_model
 from headkv_engine.profile import HeadPolicy, Profile, ProfileError
 from headkv_engine.zoo import load_builtin_model
 
-
 __all__ = [
     "AnalysisResult",
     "AttentionAnalyzer",

@@ -162,7 +162,8 @@ class HeadKVCache(Cache):
             real = attention_mask.detach().to("cpu", torch.long)
             if real.shape != (batch_size, num_tokens):
                 raise ValueError(
-                    f"attention_mask must cover the new tokens: expected {(batch_size, num_tokens)}, got {tuple(real.shape)}"
+                    f"attention_mask must cover the new tokens: expected {(batch_size, num_tokens)}, "
+                    f"got {tuple(real.shape)}"
                 )
         counted = self.seen[:, None] + torch.cumsum(real, dim=1) - 1
         positions = torch.where(real.bool(), counted, torch.full_like(counted, -1))
@@ -303,7 +304,9 @@ class HeadKVCache(Cache):
         raise NotImplementedError("HeadKVCache does not support beam search (reorder_cache); use greedy or sampling")
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("HeadKVCache cannot be cropped: evicted tokens are gone (assisted decoding is unsupported)")
+        raise NotImplementedError(
+            "HeadKVCache cannot be cropped: evicted tokens are gone (assisted decoding is unsupported)"
+        )
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("HeadKVCache cannot be expanded after prefill; expand the inputs instead")

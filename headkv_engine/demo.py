@@ -152,13 +152,16 @@ def _write_report(results, classifications, output_dir):
         "|---|---|---|---|---|---|",
     ]
     for c in sorted(results["configs"], key=lambda c: (c["effective_context"], c["name"])):
-        lines.append(f"| {c['name']} | {c['perplexity']:.2f} | {100 * (c['perplexity'] / full['perplexity'] - 1):+.1f}% | "
-                     f"{100 * c['accuracy']:.1f}% | {c['effective_context']:.1f} | {100 * c['kv_fraction']:.1f}% |")
-    lines += ["", "## Decode speed and KV bytes", "", "| cache | ms / token | KV bytes | vs full |", "|---|---|---|---|"]
+        lines.append(f"| {c['name']} | {c['perplexity']:.2f} | "
+                     f"{100 * (c['perplexity'] / full['perplexity'] - 1):+.1f}% | {100 * c['accuracy']:.1f}% | "
+                     f"{c['effective_context']:.1f} | {100 * c['kv_fraction']:.1f}% |")
+    lines += ["", "## Decode speed and KV bytes", "",
+              "| cache | ms / token | KV bytes | vs full |", "|---|---|---|---|"]
     dense = results["decode"]["full"]
     for k, v in results["decode"].items():
-        lines.append(f"| {k} | {v['ms_per_token']:.2f} | {v['kv_bytes']:,} | {100 * v['kv_bytes'] / dense['kv_bytes']:.1f}% "
-                     f"of the bytes, {dense['ms_per_token'] / v['ms_per_token']:.2f}x the speed |")
+        lines.append(f"| {k} | {v['ms_per_token']:.2f} | {v['kv_bytes']:,} | "
+                     f"{100 * v['kv_bytes'] / dense['kv_bytes']:.1f}% of the bytes, "
+                     f"{dense['ms_per_token'] / v['ms_per_token']:.2f}x the speed |")
     wins = []
     for c in results["configs"]:
         if c["group"] == "from_budget":

@@ -193,7 +193,8 @@ def _write(rows, output_dir):
              f"{r0['date']}; {r0['machine']}; torch {r0['torch']}, transformers {r0['transformers']}, headkv-engine "
              f"{r0['headkv_engine']} ({r0['commit']}); {r0['prompts']} prompts of {r0['prompt_tokens']} tokens, "
              f"{r0['new_tokens']} new tokens each, greedy; every method measured in the same run.", "",
-             "| method | budget | TTFT ms | TPOT ms | throughput tok/s | peak memory MB | KV bytes | TPOT vs full | KV vs full |",
+             "| method | budget | TTFT ms | TPOT ms | throughput tok/s | peak memory MB | KV bytes | "
+             "TPOT vs full | KV vs full |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['budget'] or '-'} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | "

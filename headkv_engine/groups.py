@@ -8,10 +8,12 @@ Heads are grouped by their legacy type: `positional` (refined: sink_positional, 
 |---|---|---|
 | A | `A_window_{w}` | window_only(w) for every head |
 | B | `B_streaming_{c}` | sink 4 + window c-4 for every head (StreamingLLM at budget c) |
-| G | `G_conf{t}_base{b}` | heads with confidence >= t: sink 4 + their type's window (positional 16, mixed 64, gathering 256); the others sink 4 + window b |
+| G | `G_conf{t}_base{b}` | heads with confidence >= t: sink 4 + their type's window; the others sink 4 + window b |
 | I | `I_pos{a}_mix{b}_g{c}` | sink 4 + window a / b / c by type (the "inverse" group: large positional windows) |
 | J | `J_pos{a}_mix{b}_g{c}` | the same rule, with small gathering windows |
 | K | `K_uniform{w}_aware` | sink 4 + window w for every head, dead heads pruned |
+
+The type windows of group G are positional 16, mixed 64, gathering 256 (`CONFIDENT_WINDOWS`).
 
 Effective contexts then match the report: K_uniform64_aware = 68, B_streaming_64 = 64.
 """
@@ -57,7 +59,9 @@ def load_classifications(source) -> list[dict]:
         entry = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
         head_type = entry.get("head_type")
         if head_type not in LEGACY_TYPE:
-            raise ProfileError(f"classifications[{i}].head_type: expected one of {sorted(LEGACY_TYPE)}, got {head_type!r}")
+            raise ProfileError(
+                f"classifications[{i}].head_type: expected one of {sorted(LEGACY_TYPE)}, got {head_type!r}"
+            )
         confidence = entry.get("confidence")
         if not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1:
             raise ProfileError(f"classifications[{i}].confidence: expected a number in [0, 1], got {confidence!r}")

@@ -53,7 +53,9 @@ def load_text(text_file: str | None = None, dataset: str | None = None) -> str:
         try:
             import datasets  # noqa: PLC0415
         except ImportError as exc:
-            raise ValueError("--dataset needs the `datasets` package (pip install datasets) and network access") from exc
+            raise ValueError(
+                "--dataset needs the `datasets` package (pip install datasets) and network access"
+            ) from exc
         name, _, config = dataset.partition(":")
         try:
             data = datasets.load_dataset(name, config or None, split="test")

@@ -61,7 +61,8 @@ class PatchHandle:
     def __repr__(self):
         return (
             f"PatchHandle(model={type(self.model).__name__}, backend={self.backend!r}, "
-            f"position_mode={self.position_mode!r}, active={self.active}, profile={self.profile.summary()['strategies']})"
+            f"position_mode={self.position_mode!r}, active={self.active}, "
+            f"profile={self.profile.summary()['strategies']})"
         )
 
 
@@ -74,7 +75,9 @@ def patch_model(model, profile: Profile, backend: str = "auto", position_mode: s
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED:
-        raise TypeError(f"patch_model supports model_type in {sorted(SUPPORTED)}, got {model_type!r} ({type(model).__name__})")
+        raise TypeError(
+            f"patch_model supports model_type in {sorted(SUPPORTED)}, got {model_type!r} ({type(model).__name__})"
+        )
     if not isinstance(profile, Profile):
         raise TypeError(f"profile must be a headkv_engine.Profile, got {type(profile).__name__}")
     if backend not in BACKENDS:

@@ -46,7 +46,9 @@ class HeadPolicy:
             raise ProfileError(f"strategy{where}: expected one of {STRATEGIES}, got {strategy!r}")
         if strategy in ("sink_window", "window_only"):
             if window_size is None or not isinstance(window_size, int) or isinstance(window_size, bool):
-                raise ProfileError(f"window_size{where}: {strategy} needs an integer window_size >= 1, got {window_size!r}")
+                raise ProfileError(
+                    f"window_size{where}: {strategy} needs an integer window_size >= 1, got {window_size!r}"
+                )
             if window_size <= 0:
                 raise ProfileError(f"window_size{where}: must be >= 1 for {strategy}, got {window_size}")
         if strategy == "sink_window":
@@ -54,7 +56,9 @@ class HeadPolicy:
             if not isinstance(sink_size, int) or isinstance(sink_size, bool) or sink_size < 0:
                 raise ProfileError(f"sink_size{where}: expected an integer >= 0, got {sink_size!r}")
         elif sink_size not in (None, 0):
-            raise ProfileError(f"sink_size{where}: only sink_window keeps sinks, got sink_size={sink_size} for {strategy}")
+            raise ProfileError(
+                f"sink_size{where}: only sink_window keeps sinks, got sink_size={sink_size} for {strategy}"
+            )
         if fill is not None and strategy != "prune":
             raise ProfileError(f"fill{where}: only pruned heads have a fill, got one for {strategy}")
         return HeadPolicy(
@@ -304,7 +308,9 @@ class Profile:
         """Raise ProfileError unless this profile was made for a model of `model`'s shape."""
         shape = model_shape(model)
         if self.model_type != shape["model_type"]:
-            raise ProfileError(f"model.model_type: profile is for {self.model_type!r}, model is {shape['model_type']!r}")
+            raise ProfileError(
+                f"model.model_type: profile is for {self.model_type!r}, model is {shape['model_type']!r}"
+            )
         for name in ("num_layers", "num_heads", "head_dim"):
             mine = getattr(self, name)
             if mine is not None and mine != shape[name]:
@@ -380,7 +386,9 @@ def _policy_from_classification(c: dict, where: str) -> HeadPolicy:
         return HeadPolicy.make("sink_window", c.get("sink_size", 4), window, where=where)
     if strategy == "window_only":
         return HeadPolicy.make("window_only", None, window, where=where)
-    raise ProfileError(f"compression_strategy ({where}): expected none/full/sink_window/window_only/prune, got {strategy!r}")
+    raise ProfileError(
+        f"compression_strategy ({where}): expected none/full/sink_window/window_only/prune, got {strategy!r}"
+    )
 
 
 def model_shape(model) -> dict:

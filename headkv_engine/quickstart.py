@@ -88,7 +88,8 @@ def run(context: int = 1024, new_tokens: int = 32, backend: str = "auto") -> dic
         sample = model.generate(prompt[:, :64], max_new_tokens=16, do_sample=False)
     return {
         "backend": resolve_backend(handle.backend, prompt.device),
-        "model": f"random GPTNeoX: {shape.num_hidden_layers} layers x {shape.num_attention_heads} heads, head_dim {head_dim}",
+        "model": f"random GPTNeoX: {shape.num_hidden_layers} layers x {shape.num_attention_heads} heads, "
+                 f"head_dim {head_dim}",
         "profile": profile.summary(context)["strategies"],
         "context": context,
         "full_profile_matches_unpatched": bool(torch.equal(same, reference)),

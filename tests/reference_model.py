@@ -109,4 +109,6 @@ def reference_logits(model, profile, ids, mask=None, mode="absolute"):
     mask = torch.ones_like(ids) if mask is None else mask
     positions = positions_from_mask(mask)
     with reference_attention(model, profile, positions, mode):
-        return model(ids, attention_mask=mask, position_ids=positions.clamp(min=0).to(ids.device), use_cache=False).logits
+        return model(
+            ids, attention_mask=mask, position_ids=positions.clamp(min=0).to(ids.device), use_cache=False
+        ).logits

@@ -7,6 +7,7 @@ import math
 import matplotlib.image
 import pytest
 import torch
+from reference_model import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -14,7 +15,6 @@ import headkv_engine as hk
 from headkv_engine.analysis import load_classifications, load_statistics, write_analysis, write_validation
 from headkv_engine.cli import main
 from headkv_engine.ops.statistics import REGIONS, head_statistics, head_statistics_reference
-from reference_model import tiny_model
 
 CASES = [  # heads, q_start, tokens_q, head_dim, sink_size, local_window, recent_ratio, min_query, dtype
     (3, 0, 70, 16, 4, 8, 0.1, None, torch.float32),

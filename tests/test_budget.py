@@ -33,7 +33,10 @@ def broad_head(layer, head):
 
 def statistics():
     kinds = [local_head, sink_head, broad_head, local_head]
-    return {"model_info": {"sink_size": 4}, "head_statistics": [kinds[h](layer, h) for layer in range(2) for h in range(4)]}
+    return {
+        "model_info": {"sink_size": 4},
+        "head_statistics": [kinds[h](layer, h) for layer in range(2) for h in range(4)],
+    }
 
 
 def divergence(profile, stats):
@@ -94,7 +97,6 @@ def test_budget_for_a_shorter_context_plans_with_what_that_context_sees():
     """Causal attention at position q depends only on tokens <= q: the octaves of a long analysis below `length`
     are the analysis of the first `length` tokens, so from_budget(length=64) plans the same from either."""
     import torch
-
     from reference_model import tiny_model
 
     model = tiny_model(2, 4, 16)

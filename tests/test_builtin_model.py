@@ -64,7 +64,9 @@ def test_loads_offline_and_generates():
         print(json.dumps(tokenizer.decode(out[0, ids.numel():])))
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     continuation = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(continuation.strip()) > 0

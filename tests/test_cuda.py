@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from reference_model import reference_logits, tiny_model
 
 import headkv_engine as hk
 from headkv_engine import ops
 from headkv_engine.quickstart import seed_mix_profile
-from reference_model import reference_logits, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -2,10 +2,10 @@ import math
 
 import pytest
 import torch
-
-import headkv_engine as hk
 from reference_model import reference_logits, tiny_model
 from test_model import HEAD_DIM, HEADS, LAYERS, mixed_profile
+
+import headkv_engine as hk
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
 """The seeds' API: compress a dense cache, continue with the patched model, and the L2 baselines."""
 
 import torch
+from reference_model import tiny_model
 
 import headkv_engine as hk
 from headkv_engine.methods import HeadAwareCompressor, fix_size_l2, head_aware_compress, l2_compress, streaming_llm
 from headkv_engine.utils import get_cache_info
-from reference_model import tiny_model
 
 
 def test_compress_then_continue_equals_patched_model(tmp_path):

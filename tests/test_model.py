@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
+from reference_model import positions_from_mask, reference_attention, reference_logits, tiny_model
 
 import headkv_engine as hk
 from headkv_engine.profile import HeadPolicy
-from reference_model import positions_from_mask, reference_attention, reference_logits, tiny_model
 
 BACKENDS = ["torch", "cpu", "triton"]
 
@@ -71,7 +71,9 @@ def test_full_profile_equals_unpatched(model, ids, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("first,step", [(21, 1), (1, 1), (9, 1), (4, 5)], ids=["prefill", "decode", "prefill+decode", "chunks"])
+@pytest.mark.parametrize(
+    "first,step", [(21, 1), (1, 1), (9, 1), (4, 5)], ids=["prefill", "decode", "prefill+decode", "chunks"]
+)
 def test_patched_equals_masked_reference(model, ids, backend, first, step):
     profile = mixed_profile(fill=True)
     ref = reference_logits(model, profile, ids)

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from reference_model import tiny_model
 
 import headkv_engine as hk
 from headkv_engine.ops.statistics import add_sums, head_statistics, log2_bins
-from reference_model import tiny_model
 
 
 def brute_force(q, k, scale, sink_size=4, local_window=8, recent_ratio=0.1):

@@ -57,7 +57,9 @@ class HeadAwareCompressor:
         returned as it is, since the patched model keeps it compressed at every step."""
         if isinstance(past_key_values, HeadKVCache):
             return past_key_values
-        return HeadKVCache.from_dense(self.profile, past_key_values, attention_mask=attention_mask, backend=self.backend)
+        return HeadKVCache.from_dense(
+            self.profile, past_key_values, attention_mask=attention_mask, backend=self.backend
+        )
 
     def get_head_config(self, layer_idx: int, head_idx: int) -> HeadCompressionConfig:
         return HeadCompressionConfig.from_policy(layer_idx, head_idx, self.profile.policy(layer_idx, head_idx))

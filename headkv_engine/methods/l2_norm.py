@@ -8,7 +8,6 @@ pass `position_ids` that continue the original sequence.
 
 from __future__ import annotations
 
-import torch
 from transformers.cache_utils import DynamicCache
 
 

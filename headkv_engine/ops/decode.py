@@ -20,7 +20,6 @@ from headkv_engine.kernel_sources import triton_module
 from headkv_engine.ops import _cpu
 from headkv_engine.ops._checks import FLOAT_DTYPES, check_fill, check_index, check_pools, check_tensor, gather_slots
 
-
 STAT_FIELDS = ("entropy", "sink_mass", "local_mass")
 
 

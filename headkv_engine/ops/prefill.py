@@ -99,7 +99,8 @@ def prefill_attention(
             q.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(), k_pool.contiguous(),
             v_pool.contiguous(), pos_pool.contiguous(), base.contiguous(), length.contiguous(),
             sink_size.contiguous(), window_size.contiguous(), scale,
-            q_sink=None if q_sink is None else q_sink.contiguous(), fill=None if fill is None else fill.float().contiguous(),
+            q_sink=None if q_sink is None else q_sink.contiguous(),
+            fill=None if fill is None else fill.float().contiguous(),
         )
     return _cpu.prefill_attention(
         q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size, window_size, scale,

@@ -11,7 +11,9 @@ BOS_TOKEN, EOS_TOKEN = "<|bos|>", "<|endoftext|>"
 
 
 def builtin_available() -> bool:
-    return all(os.path.exists(os.path.join(BUILTIN_DIR, f)) for f in ("config.json", "model.safetensors", "tokenizer.json"))
+    return all(
+        os.path.exists(os.path.join(BUILTIN_DIR, f)) for f in ("config.json", "model.safetensors", "tokenizer.json")
+    )
 
 
 def load_builtin_model(dtype=torch.float32):
