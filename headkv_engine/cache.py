@@ -71,19 +71,28 @@ class LayerStore:
                            torch.clamp(self.capacity // 8, min=GROWTH_MIN_ROWS, max=GROWTH_MAX_ROWS), 0)
         grown = torch.maximum(needed, self.capacity + step)
         new_capacity = torch.where(needed > self.capacity, torch.minimum(grown, self.max_kept[None, :]), self.capacity)
+        self._rebuild(self.base, new_capacity, self.length)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the sequences `index` [B'] (host int64, repeats allowed), in that order: beam reordering,
+        expansion and selection of a batch."""
+        self._rebuild(self.base[index], self.capacity[index], self.length[index])
+
+    def _rebuild(self, source_base: torch.Tensor, new_capacity: torch.Tensor, length: torch.Tensor) -> None:
+        """New pools of `new_capacity` [B, H] rows per head; head (b, h) receives the `length[b, h]` written rows
+        starting at row `source_base[b, h]` of the current pools, each in its slot."""
         new_base = (torch.cumsum(new_capacity.flatten(), 0) - new_capacity.flatten()).view_as(new_capacity)
         rows = int(new_capacity.sum())
         k_pool = self.k_pool.new_empty(rows, self.k_pool.shape[1])
         v_pool = self.v_pool.new_empty(rows, self.v_pool.shape[1])
         pos_pool = self.pos_pool.new_full((rows,), -1)
-        # Written rows keep their slot: copy rows [base, base + length) of every head to the new base.
-        counts = self.length.flatten()
+        counts = length.flatten()
         total = int(counts.sum())
         if total > 0:
             head_start = torch.cumsum(counts, 0) - counts
             offset = torch.arange(total) - torch.repeat_interleave(head_start, counts)
             device = self.k_pool.device
-            src = (torch.repeat_interleave(self.base.flatten(), counts) + offset).to(device)
+            src = (torch.repeat_interleave(source_base.flatten(), counts) + offset).to(device)
             dst = (torch.repeat_interleave(new_base.flatten(), counts) + offset).to(device)
             k_pool[dst] = self.k_pool[src]
             v_pool[dst] = self.v_pool[src]
@@ -91,6 +100,8 @@ class LayerStore:
         self.k_pool, self.v_pool, self.pos_pool = k_pool, v_pool, pos_pool
         self.base, self.capacity = new_base, new_capacity
         self.base_dev = new_base.to(k_pool.device)
+        if length is not self.length:
+            self.set_length(length.clone())
 
     def nbytes(self) -> int:
         return self.k_pool.numel() * self.k_pool.element_size() + self.v_pool.numel() * self.v_pool.element_size()
@@ -301,15 +312,36 @@ class HeadKVCache(Cache):
         )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("HeadKVCache does not support beam search (reorder_cache); use greedy or sampling")
+        """Beam search: sequence b continues what sequence beam_idx[b] holds (rows are copied, once per step)."""
+        self._select_sequences(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the sequences `indices` (int64 indices, or a bool mask over the batch)."""
+        indices = torch.as_tensor(indices).to("cpu")
+        self._select_sequences(indices.nonzero().flatten() if indices.dtype == torch.bool else indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each sequence `repeats` times in a row (as the inputs are expanded for beams or samples)."""
+        if self.seen is not None:
+            self._select_sequences(torch.arange(self.seen.shape[0]).repeat_interleave(repeats))
+
+    def _select_sequences(self, index: torch.Tensor) -> None:
+        if self.seen is None:
+            return
+        index = torch.as_tensor(index).to("cpu", torch.long)
+        batch = self.seen.shape[0]
+        if index.dim() != 1 or (index.numel() and (int(index.min()) < -batch or int(index.max()) >= batch)):
+            raise ValueError(f"sequence index: expected a 1-d index into the batch of {batch}, got {index.tolist()}")
+        index = index % batch
+        for store in self.stores:
+            if store is not None:
+                store.select(index)
+        self.seen = self.seen[index]
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError(
             "HeadKVCache cannot be cropped: evicted tokens are gone (assisted decoding is unsupported)"
         )
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("HeadKVCache cannot be expanded after prefill; expand the inputs instead")
 
     def reset(self) -> None:
         self.stores = [None] * self.profile.num_layers

@@ -130,17 +130,9 @@ def test_generate_greedy_matches_reference(model, backend):
     assert torch.equal(out.sequences, expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generate_sampling_with_seed_matches_reference(model, backend):
-    prompt = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(prompt)
-    profile = mixed_profile()
-    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=0, temperature=1.0)
-    with hk.patch_model(model, profile, backend=backend):
-        torch.manual_seed(123)
-        got = model.generate(prompt, **kwargs)
+def reference_generate(model, profile, prompt, **kwargs):
+    """generate() with the dense per-head-masked reference attention, recomputing whole sequences (no cache)."""
     with reference_attention(model, profile, None) as ctx:
-        # the reference recomputes whole sequences, so generate without a cache
         original = model.gpt_neox.forward
 
         def forward_with_positions(input_ids=None, attention_mask=None, **kw):
@@ -151,11 +143,64 @@ def test_generate_sampling_with_seed_matches_reference(model, backend):
 
         model.gpt_neox.forward = forward_with_positions
         try:
-            torch.manual_seed(123)
-            expected = model.generate(prompt, use_cache=False, **kwargs)
+            return model.generate(prompt, use_cache=False, **kwargs)
         finally:
             del model.gpt_neox.forward
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_sampling_with_seed_matches_reference(model, backend):
+    prompt = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(prompt)
+    profile = mixed_profile()
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=0, temperature=1.0)
+    with hk.patch_model(model, profile, backend=backend):
+        torch.manual_seed(123)
+        got = model.generate(prompt, **kwargs)
+    torch.manual_seed(123)
+    expected = reference_generate(model, profile, prompt, **kwargs)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_beam_search_matches_reference(model, backend):
+    """Beam search reorders the ragged cache every step (rows of one beam copied to several): the beams, their
+    scores and the returned sequences equal beam search over the reference attention."""
+    prompt = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(11))
+    profile = mixed_profile()
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, num_beams=3, num_return_sequences=2,
+                  do_sample=False, return_dict_in_generate=True, output_scores=True)
+    with hk.patch_model(model, profile, backend=backend):
+        got = model.generate(prompt, **kwargs)
+    assert isinstance(got.past_key_values, hk.HeadKVCache)
+    expected = reference_generate(model, profile, prompt, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(got.sequences_scores, expected.sequences_scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reordered_cache_continues_like_a_cache_of_the_reordered_batch(model, backend):
+    """reorder_cache / batch_select_indices / batch_repeat_interleave equal prefilling the rearranged batch."""
+    ids = torch.randint(1, 97, (3, 12), generator=torch.Generator().manual_seed(12))
+    nxt = torch.randint(1, 97, (3, 1), generator=torch.Generator().manual_seed(13))
+    with hk.patch_model(model, mixed_profile(), backend=backend):
+        for rearrange, index in (
+            (lambda c: c.reorder_cache(torch.tensor([2, 0, 0])), [2, 0, 0]),
+            (lambda c: c.batch_select_indices(torch.tensor([False, True, True])), [1, 2]),
+            (lambda c: c.batch_repeat_interleave(2), [0, 0, 1, 1, 2, 2]),
+        ):
+            cache = model(ids[:, :11], use_cache=True).past_key_values
+            model(ids[:, 11:], cache=cache, use_cache=True)  # a decode step: rings have wrapped, capacities grown
+            rearrange(cache)
+            fresh = model(ids[index], use_cache=True).past_key_values
+            for layer in range(LAYERS):
+                assert torch.equal(cache.kept_tokens(layer), fresh.kept_tokens(layer))
+            step = nxt[index]
+            got = model(step, cache=cache, use_cache=True).logits
+            want = model(step, cache=fresh, use_cache=True).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="sequence index"):
+        cache.reorder_cache(torch.tensor([7]))
 
 
 def test_left_padded_generate_equals_alone(model):
@@ -261,12 +306,6 @@ def test_foreign_filled_cache_refused(model, ids):
     with hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend="torch"):
         with pytest.raises(ValueError, match="HeadKVCache"):
             model(ids[:, :1], cache=dense_cache)
-
-
-def test_beam_search_refused_clearly(model, ids):
-    with hk.patch_model(model, mixed_profile(), backend="torch"):
-        with pytest.raises(NotImplementedError, match="beam search"):
-            model.generate(ids[:1, :5], max_new_tokens=3, num_beams=2, do_sample=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
