@@ -333,6 +333,8 @@ class HeadKVCache(Cache):
         if index.dim() != 1 or (index.numel() and (int(index.min()) < -batch or int(index.max()) >= batch)):
             raise ValueError(f"sequence index: expected a 1-d index into the batch of {batch}, got {index.tolist()}")
         index = index % batch
+        if torch.equal(index, torch.arange(batch)):  # beams that all continue themselves: nothing moves
+            return
         for store in self.stores:
             if store is not None:
                 store.select(index)
