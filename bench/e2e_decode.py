@@ -20,21 +20,16 @@ import time
 
 import torch
 import transformers
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXForCausalLM
 
 import headkv_engine as hk
 from headkv_engine.backends import resolve_backend
 from headkv_engine.files import read_csv, write_csv_atomic
-from headkv_engine.quickstart import dense_cache_nbytes, seed_mix_profile
+from headkv_engine.quickstart import dense_cache_nbytes, random_gpt_neox, seed_mix_profile
 
 
 def bench_model(layers: int, max_len: int) -> GPTNeoXForCausalLM:
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(
-        vocab_size=1024, hidden_size=2560, num_hidden_layers=layers, num_attention_heads=32,
-        intermediate_size=1024, max_position_embeddings=max_len, rotary_pct=0.25,
-    )
-    return GPTNeoXForCausalLM(config).eval()
+    return random_gpt_neox(layers, 32, 80, vocab=1024, intermediate_size=1024, max_positions=max_len)
 
 
 @torch.no_grad()

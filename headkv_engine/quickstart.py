@@ -16,18 +16,25 @@ from headkv_engine.patching import patch_model
 from headkv_engine.profile import HeadPolicy, Profile
 
 
-def random_gpt_neox(layers=4, heads=8, head_dim=32, vocab=1024, seed=0) -> GPTNeoXForCausalLM:
+def random_gpt_neox(layers=4, heads=8, head_dim=32, vocab=1024, seed=0, *, intermediate_size=None,
+                    max_positions=4096, rotary_pct=0.25, initializer_range=0.02,
+                    dtype=torch.float32) -> GPTNeoXForCausalLM:
+    """A GPTNeoX with random weights (seeded), for examples, tests and benchmarks: no download.
+
+    Generation stops only at max_new_tokens (no end-of-sequence token); padding is token 0.
+    """
     torch.manual_seed(seed)
     config = GPTNeoXConfig(
         vocab_size=vocab,
         hidden_size=heads * head_dim,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        intermediate_size=4 * heads * head_dim,
-        max_position_embeddings=4096,
-        rotary_pct=0.25,
+        intermediate_size=intermediate_size or 4 * heads * head_dim,
+        max_position_embeddings=max_positions,
+        rotary_pct=rotary_pct,
+        initializer_range=initializer_range,
     )
-    model = GPTNeoXForCausalLM(config).eval()
+    model = GPTNeoXForCausalLM(config).eval().to(dtype)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     return model

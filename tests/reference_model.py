@@ -12,28 +12,14 @@ import contextlib
 import types
 
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from headkv_engine.quickstart import random_gpt_neox
 
 
 def tiny_model(layers=2, heads=4, head_dim=16, vocab=97, seed=0, dtype=torch.float32, rotary_pct=0.25):
     """A random GPTNeoX with large init so heads attend sharply and differently."""
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(
-        vocab_size=vocab,
-        hidden_size=heads * head_dim,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=4 * heads * head_dim,
-        max_position_embeddings=512,
-        rotary_pct=rotary_pct,
-        initializer_range=0.15,
-        use_parallel_residual=True,
-    )
-    config.rope_parameters["partial_rotary_factor"] = rotary_pct
-    model = GPTNeoXForCausalLM(config).eval().to(dtype)
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
-    return model
+    return random_gpt_neox(layers, heads, head_dim, vocab, seed, max_positions=512, rotary_pct=rotary_pct,
+                           initializer_range=0.15, dtype=dtype)
 
 
 def kept_keys(policy, t):
