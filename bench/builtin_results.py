@@ -5,9 +5,9 @@
 
 The analysis reads the first 4 windows of 512 tokens (BOS first: the context the model was trained at) of the
 built-in held-out text; the ablation evaluates the 32 windows of 512 tokens after its first 2048 tokens, so no
-evaluated token was seen by the analysis that picks the policies. With results/builtin/layer_losses_training.json
-(per-layer losses measured on training documents by `loss_priced_budget.py --training-corpus`) the ablation also
-has the from_budget_measured rows, priced by them.
+evaluated token was seen by the analysis that picks the policies. The ablation also has the from_budget_measured
+rows, priced by the built-in model's shipped per-layer losses (headkv_engine/zoo/builtin/layer_losses.json,
+measured on training documents by `loss_priced_budget.py --training-corpus`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 from builtin_head_types import WINDOW_TOKENS
 from builtin_head_types import WINDOWS as ANALYSIS_WINDOWS
 
-from headkv_engine import cli
+from headkv_engine import cli, zoo
 from headkv_engine.ablation_report import budget_comparison, ppl_change
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,7 +27,7 @@ OUT = os.path.join(HERE, "results", "builtin")
 WINDOWS = 32  # evaluated windows of WINDOW_TOKENS, after the analysed ones
 EVAL_OFFSET = 2048  # evaluation starts at this token of the text, past the 4 x 511 the analysis read
 BUDGETS = (32, 64, 128, 256, 512)
-LAYER_LOSSES = os.path.join(OUT, "layer_losses_training.json")
+LAYER_LOSSES = zoo.LAYER_LOSSES
 
 
 def run(argv: list[str]) -> None:
@@ -44,7 +44,7 @@ def regenerate(out: str) -> None:
     run(["ablate", "--ablation", "all", "--classifications", os.path.join(analysis, "head_classifications.json"),
          "--statistics", os.path.join(analysis, "head_statistics.json"), "--max-tokens", str(WINDOW_TOKENS),
          "--windows", str(WINDOWS), "--offset", str(EVAL_OFFSET), "--budgets", *map(str, BUDGETS),
-         *(["--layer-losses", LAYER_LOSSES] if os.path.isfile(LAYER_LOSSES) else []), "--output-dir", out, "--force"])
+         "--layer-losses", LAYER_LOSSES, "--output-dir", out, "--force"])
 
 
 def headline_table(results: dict) -> str:

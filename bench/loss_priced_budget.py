@@ -16,7 +16,8 @@ Writes bench/results/builtin/loss_priced_budget.json and prints the tables of be
 
 instead measures the per-layer losses on 16 windows of training documents (`train_builtin.py corpus`), chooses
 the KL weight on 16 windows of other training documents, and evaluates only the chosen weight on the evaluation
-windows (bench/results/builtin/layer_priced_budget_training.json): no evaluated text picks anything.
+windows (bench/results/builtin/layer_priced_budget_training.json): no evaluated text picks anything. The losses
+are written to headkv_engine/zoo/builtin/layer_losses.json, the calibration shipped with the built-in model.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def training_text_protocol(model, tokenizer, corpus, statistics_file, held_out, 
     chosen = min(SELECTION_KL_WEIGHTS,
                  key=lambda w: sum(map(math.log, selection_rows[f"measured loss per layer + {w:g} x KL"])))
     evaluated = rows(held_out, (chosen,))
-    # the losses on their own, for `headkv ablate --layer-losses` (bench/builtin_results.py)
-    write_json_atomic(os.path.join(os.path.dirname(output), "layer_losses_training.json"),
+    # the losses on their own: the built-in model's shipped calibration (`headkv demo`, `headkv ablate --layer-losses`)
+    write_json_atomic(zoo.LAYER_LOSSES,
                       {**layer_losses, "model": loading.BUILTIN, "kl_weight": chosen,
                        "text": f"{TRAINING_WINDOWS} windows of {TRAINING_DOCUMENTS} random training documents "
                                f"(seed 0) of {os.path.basename(corpus)}"})

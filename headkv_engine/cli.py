@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--decode-context", type=int, default=1024)
     demo.add_argument("--new-tokens", type=int, default=32)
     demo.add_argument("--backend", default="auto", choices=backends)
+    demo.add_argument("--layer-losses", help="layer_losses.json of `headkv calibrate`: adds from_budget_measured "
+                      "profiles (default: the built-in model's own calibration, for the built-in model)")
     demo.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     demo.set_defaults(func=_command("demo"))
 

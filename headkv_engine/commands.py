@@ -110,12 +110,14 @@ def demo(args) -> int:
 
     if min(args.budgets) <= 4:
         raise ValueError(f"--budgets: every budget must exceed the 4 StreamingLLM sinks, got {args.budgets}")
+    if args.layer_losses and not os.path.isfile(args.layer_losses):
+        raise ValueError(f"--layer-losses: {args.layer_losses!r} is not a file")
     loading.prepare_output_dir(args.output_dir, args.force)
     results = run_demo(args.output_dir, model_id=args.model, text_file=args.text_file,
                        analysis_tokens=args.analysis_tokens, eval_tokens=args.eval_tokens,
                        budgets=tuple(sorted(args.budgets)), eval_windows=args.eval_windows,
                        decode_context=args.decode_context,
-                       new_tokens=args.new_tokens, backend=args.backend)
+                       new_tokens=args.new_tokens, backend=args.backend, layer_losses=args.layer_losses)
     full = next(c for c in results["configs"] if c["name"] == "full")
     print(f"{results['model']}: full-cache perplexity {full['perplexity']:.2f} on {results['tokens']} tokens; "
           f"{len(results['configs'])} profiles evaluated in {results['seconds']:.0f} s")

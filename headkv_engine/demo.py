@@ -1,8 +1,9 @@
 """`headkv demo`: the whole pipeline on one model, offline, in minutes, ending in a report a person can read.
 
 analyse every head on held-out text -> classify -> build profiles (StreamingLLM, head-aware, from_budget at
-several budgets) -> evaluate perplexity / accuracy / effective context against the full cache -> measure
-decode speed and KV bytes -> figures -> report.md.
+several budgets, priced by attention KL and, given per-layer losses (shipped with the built-in model, or from
+`headkv calibrate`), by measured loss) -> evaluate perplexity / accuracy / effective context against the full
+cache -> measure decode speed and KV bytes -> figures -> report.md.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from headkv_engine import __version__, loading
+from headkv_engine import __version__, loading, zoo
 from headkv_engine.ablation_report import pareto_frontier, plot_ppl_vs_context
 from headkv_engine.analysis import analyze, classify, save_classifications, write_analysis
+from headkv_engine.analysis.layer_loss import load_layer_losses
 from headkv_engine.evaluation import evaluate
 from headkv_engine.files import write_text_atomic
 from headkv_engine.patching import patch_model
@@ -46,12 +48,19 @@ def _decode_speed(model, prompt, new_tokens, profile=None, backend="auto"):
 
 
 def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=2048, eval_tokens=512, eval_windows=4,
-             budgets=(32, 64, 128, 256), decode_context=1024, new_tokens=32, backend="auto") -> dict:
+             budgets=(32, 64, 128, 256), decode_context=1024, new_tokens=32, backend="auto",
+             layer_losses=None) -> dict:
+    """layer_losses: a `headkv calibrate` file (or dict) for the measured-loss from_budget rows; None: the built-in
+    model's shipped calibration for the built-in model, none for another model."""
     began = time.perf_counter()
     steps = tqdm(total=6, desc="demo", unit="step")
     model, tokenizer, name = loading.load_model(model_id)
     text = loading.load_text(text_file, None)
     builtin = model_id == loading.BUILTIN
+    if layer_losses is None and builtin:
+        layer_losses = zoo.LAYER_LOSSES
+    if layer_losses is not None:
+        layer_losses = load_layer_losses(layer_losses)
     prompt = loading.encode(tokenizer, text, decode_context, builtin=builtin)  # for the decode timing
     # evaluation windows come after the analysed tokens when the text is long enough
     eval_ids = loading.encode_windows(tokenizer, text, eval_tokens, eval_windows, builtin=builtin,
@@ -75,6 +84,9 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
         profiles[f"B_streaming_{budget}"] = ("B", Profile.streaming_llm(layers, heads, 4, budget - 4))
         profiles[f"from_budget_{budget}"] = ("from_budget", Profile.from_budget(result.statistics, budget,
                                                                                  length=eval_tokens))
+        if layer_losses is not None:
+            profiles[f"from_budget_measured_{budget}"] = ("from_budget_measured", Profile.from_budget(
+                result.statistics, budget, length=eval_tokens, layer_losses=layer_losses))
     cls_path = os.path.join(analysis_dir, "head_classifications.json")
     save_classifications(classifications, cls_path)
     profiles["head_aware"] = ("head_aware", Profile.from_classifications(cls_path))
@@ -103,6 +115,7 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
                "window_tokens": eval_tokens, "configs": configs,
                "decode": {k: {"ms_per_token": v[0], "kv_bytes": v[1]} for k, v in speed.items()},
                "decode_context": decode_context, "analysis": result.model_info,
+               "layer_losses": None if layer_losses is None else layer_losses.get("text", "given"),
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
                "headkv_engine": __version__, "date": datetime.date.today().isoformat()}
     write_json_atomic(os.path.join(output_dir, "demo_results.json"), results)
@@ -115,6 +128,20 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
     steps.update()
     steps.close()
     return results
+
+
+def _against_streaming(configs, group) -> str:
+    """A report line: how the `group` profiles compare with StreamingLLM at each budget."""
+    wins = []
+    for c in configs.values():
+        if c["group"] == group:
+            budget = c["name"].rsplit("_", 1)[1]
+            streaming = configs.get(f"B_streaming_{budget}")
+            if streaming:
+                wins.append((budget, c["perplexity"], streaming["perplexity"]))
+    better = [w for w in wins if w[1] <= w[2]]
+    return (f"- `{group}` is at or below StreamingLLM's perplexity at {len(better)} of {len(wins)} budgets "
+            f"({'; '.join(f'{b}: {f:.2f} vs {s:.2f}' for b, f, s in wins)}).")
 
 
 def _write_report(results, classifications, output_dir):
@@ -139,7 +166,9 @@ def _write_report(results, classifications, output_dir):
         f"2. **Classification.** Head types: {', '.join(f'{k} {v}' for k, v in sorted(types.items()))}.",
         "3. **Profiles.** StreamingLLM (4 sinks + window) and `from_budget` (each head's sink and window chosen to "
         "cover the most attention mass under the same mean budget) at each budget, and the head-aware profile of "
-        "the classification. Files: `profiles/`.",
+        "the classification. Files: `profiles/`."
+        + (" `from_budget_measured` prices the same choice by each layer's measured loss increase at each window "
+           "(a calibration on other text) instead of the attention it drops." if results["layer_losses"] else ""),
         f"4. **Evaluation.** Perplexity and next-token accuracy on {results['windows']} held-out windows of "
         f"{results['window_tokens']} tokens (after the analysed ones), in one masked pass per profile (identical "
         "to token-by-token decoding with the ragged cache).",
@@ -162,21 +191,13 @@ def _write_report(results, classifications, output_dir):
         lines.append(f"| {k} | {v['ms_per_token']:.2f} | {v['kv_bytes']:,} | "
                      f"{100 * v['kv_bytes'] / dense['kv_bytes']:.1f}% of the bytes, "
                      f"{dense['ms_per_token'] / v['ms_per_token']:.2f}x the speed |")
-    wins = []
-    for c in results["configs"]:
-        if c["group"] == "from_budget":
-            budget = c["name"].rsplit("_", 1)[1]
-            streaming = configs.get(f"B_streaming_{budget}")
-            if streaming:
-                wins.append((budget, c["perplexity"], streaming["perplexity"]))
-    better = [w for w in wins if w[1] <= w[2]]
     frontier = ", ".join(c["name"] for c in pareto_frontier([c for c in results["configs"] if c["name"] != "full"]))
     lines += [
         "",
         "## What it means",
         "",
-        f"- `from_budget` is at or below StreamingLLM's perplexity at {len(better)} of {len(wins)} budgets "
-        f"({'; '.join(f'{b}: {f:.2f} vs {s:.2f}' for b, f, s in wins)}).",
+        *(_against_streaming(configs, group) for group in ("from_budget", "from_budget_measured")
+          if any(c["group"] == group for c in results["configs"])),
         f"- The Pareto frontier (no profile with both less context and lower perplexity): {frontier}.",
         f"- The head-aware profile keeps {100 * configs['head_aware']['kv_fraction']:.1f}% of the KV cache at "
         f"{100 * (configs['head_aware']['perplexity'] / full['perplexity'] - 1):+.1f}% perplexity.",

@@ -12,12 +12,15 @@ def test_demo_writes_a_report(tmp_path, capsys):
     assert main(args) == 0
     results = json.loads((out / "demo_results.json").read_text())
     names = {c["name"] for c in results["configs"]}
-    assert names == {"full", "head_aware", "B_streaming_16", "B_streaming_48", "from_budget_16", "from_budget_48"}
+    # the built-in model's shipped calibration adds the measured-loss rows
+    assert names == {"full", "head_aware", "B_streaming_16", "B_streaming_48", "from_budget_16", "from_budget_48",
+                     "from_budget_measured_16", "from_budget_measured_48"}
     assert all(c["tokens"] == 2 * 99 and c["perplexity"] > 1 for c in results["configs"])
     assert next(c for c in results["configs"] if c["name"] == "from_budget_16")["effective_context"] <= 16
     assert results["decode"]["from_budget_16"]["kv_bytes"] < results["decode"]["full"]["kv_bytes"]
     report = (out / "report.md").read_text()
     assert "## Perplexity at equal budget" in report and "B_streaming_48" in report
+    assert "`from_budget_measured` is at or below StreamingLLM's perplexity at" in report
     for name in ("ppl_vs_context.png", "analysis/head_statistics.json", "analysis/entropy_heatmap.png",
                  "profiles/from_budget_16.json"):
         assert (out / name).stat().st_size > 0, name

@@ -8,6 +8,9 @@ import torch
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin")
 BOS_TOKEN, EOS_TOKEN = "<|bos|>", "<|endoftext|>"
+# The built-in model's calibration for `Profile.from_budget(..., layer_losses=...)`: each layer's loss increase at
+# 4 sinks + each window, measured on training documents (bench/loss_priced_budget.py --training-corpus).
+LAYER_LOSSES = os.path.join(BUILTIN_DIR, "layer_losses.json")
 
 
 def builtin_available() -> bool:
