@@ -31,6 +31,9 @@ def test_demo_writes_a_report(tmp_path, capsys):
 def test_demo_bad_budget(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(tmp_path / "d"), "--budgets", "4"]) == 2
     assert "--budgets" in capsys.readouterr().err
+    assert main(["demo", "--output-dir", str(tmp_path / "d"), "--layer-losses", str(tmp_path / "none.json")]) == 2
+    assert "--layer-losses" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # refused before anything is written
 
 
 def test_bench_compares_with_the_full_cache(tmp_path, capsys):
