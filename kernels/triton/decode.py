@@ -196,7 +196,10 @@ def _decode_fused_kernel(
                 tl.store(part_stats_ptr + part * 3 + 0, t)
                 tl.store(part_stats_ptr + part * 3 + 1, sink_e)
                 tl.store(part_stats_ptr + part * 3 + 2, local_e)
-            # acq_rel: this program's partials are visible to whichever program arrives last, and that one sees all
+            # The partials are stored by all the program's threads, the counter by one: the barrier makes every
+            # thread's stores precede the release (older Triton versions insert none themselves), so with acq_rel the
+            # program that arrives last sees every chunk's partials.
+            tl.debug_barrier()
             if tl.atomic_add(arrived_ptr + bh, 1, sem="acq_rel") == head_chunks - 1:
                 _merge_chunks(part_o_ptr, part_m_ptr, part_l_ptr, out_ptr, part_stats_ptr, stats_ptr, bh, num_chunks,
                               head_chunks, d, d_ok, HEAD_DIM, BLOCK_C, WITH_STATS)
