@@ -6,6 +6,7 @@ from reference_model import reference_logits, tiny_model
 
 import headkv_engine as hk
 from headkv_engine import ops
+from headkv_engine.kernel_sources import triton_module
 from headkv_engine.quickstart import seed_mix_profile
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -88,5 +89,15 @@ def test_decode_statistics_long_context():
     query_position = torch.tensor([context - 1], device="cuda")
     kwargs = dict(scale=head_dim**-0.5, return_stats=True, pos_pool=pos_pool, query_position=query_position)
     _, got = ops.decode_attention(q, k_pool, v_pool, base, kept, backend="triton", **kwargs)
-    _, want = ops.decode_attention_reference(q, k_pool, v_pool, base, kept, **kwargs)
+    want_out, want = ops.decode_attention_reference(q, k_pool, v_pool, base, kept, **kwargs)
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    # the one-launch variant, with 128 chunks per full head merged by whichever arrives last: repeated, so that
+    # an ordering fault between a chunk's partial stores and its arrival would show
+    decode = triton_module("decode")
+    stats = (pos_pool, query_position, 4, 8)
+    for _ in range(50):
+        out, got = decode.decode_attention(q, k_pool, v_pool, base, kept, head_dim**-0.5, fused=True, chunk=64,
+                                           stats=stats)
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(out.float(), want_out.float(), atol=2e-2, rtol=2e-2)
+        assert not decode.arrival_counters(q.device, heads).any()
