@@ -6,6 +6,7 @@ context length: prefill once, then time `--new-tokens` greedy decode steps of ea
 bytes of their KV caches.
 
     python bench/e2e_decode.py --contexts 2048 4096 8192 16384 --csv bench/results/e2e_decode.csv
+    python bench/e2e_decode.py --device cuda --layers 4 --contexts 8192 32768 --csv e2e_decode_cuda.csv
 """
 
 from __future__ import annotations
@@ -35,20 +36,25 @@ def bench_model(layers: int, max_len: int) -> GPTNeoXForCausalLM:
 @torch.no_grad()
 def time_decode(model, prompt, new_tokens: int, warmup: int = 2):
     """Prefill, then per-token decode times (ms) after `warmup` steps; returns (times, cache)."""
+    sync = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
     out = model(prompt, use_cache=True)
     cache = out.cache
     token = out.logits[:, -1:].argmax(-1)
     times = []
     for step in range(warmup + new_tokens):
+        sync()
         start = time.perf_counter()
         out = model(token, cache=cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
+        sync()
         if step >= warmup:
             times.append(1000 * (time.perf_counter() - start))
     return times, cache
 
 
-def machine() -> str:
+def machine(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -61,6 +67,8 @@ def machine() -> str:
 
 
 def commit() -> str:
+    if os.environ.get("HEADKV_COMMIT"):  # a copy of the tree without .git (a lent GPU machine)
+        return os.environ["HEADKV_COMMIT"]
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
@@ -75,15 +83,20 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                        help="model and cache dtype (default: float16 on CUDA, float32 on CPU)")
     parser.add_argument("--csv", default=None, help="append rows to this CSV file")
     args = parser.parse_args(argv)
 
-    model = bench_model(args.layers, max(args.contexts) + args.new_tokens + 8)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    model = bench_model(args.layers, max(args.contexts) + args.new_tokens + 8).to(device, dtype)
     profile = seed_mix_profile(args.layers, 32, 80)
-    backend = resolve_backend(args.backend, torch.device("cpu"))
+    backend = resolve_backend(args.backend, device)
     rows = []
     for context in args.contexts:
-        prompt = torch.randint(0, 1024, (1, context), generator=torch.Generator().manual_seed(context))
+        prompt = torch.randint(0, 1024, (1, context), generator=torch.Generator().manual_seed(context)).to(device)
         dense_times, dense_cache = time_decode(model, prompt, args.new_tokens)
         dense_bytes = dense_cache_nbytes(dense_cache)
         del dense_cache
@@ -91,15 +104,17 @@ def main(argv=None) -> None:
             ragged_times, ragged_cache = time_decode(model, prompt, args.new_tokens)
         dense_ms, ragged_ms = statistics.median(dense_times), statistics.median(ragged_times)
         rows.append({
-            "date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(),
+            "date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(device),
             "torch": torch.__version__, "transformers": transformers.__version__, "backend": backend,
+            "dtype": str(dtype).removeprefix("torch."),
             "layers": args.layers, "context": context, "new_tokens": args.new_tokens,
             "dense_ms_per_token": round(dense_ms, 3), "ragged_ms_per_token": round(ragged_ms, 3),
             "speedup": round(dense_ms / ragged_ms, 3), "dense_kv_bytes": dense_bytes,
             "ragged_kv_bytes": ragged_cache.nbytes(), "kv_fraction": round(ragged_cache.nbytes() / dense_bytes, 4),
         })
         print(rows[-1], flush=True)
-    print(f"\nmachine: {machine()}; torch {torch.__version__}; backend {backend}; commit {commit()}\n")
+    print(f"\nmachine: {machine(device)}; {rows[0]['dtype']}; torch {torch.__version__}; backend {backend}; "
+          f"commit {commit()}\n")
     print("| context | unpatched (sdpa) ms/token | patched ms/token | speedup | "
           "dense KV MB | ragged KV MB | KV fraction |")
     print("|---|---|---|---|---|---|---|")

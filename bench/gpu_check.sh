@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, sized for one device call of at most 10 minutes (the limits below add up to 9):
-# the CUDA tests, the kernel benchmark (and its tables for RESULTS.md), a reduced decode launch sweep, and
-# `headkv bench` of every method on the built-in model on CUDA. Logs, CSVs and tables go to $OUT (or ./gpu-out).
+# the CUDA tests, the kernel benchmark (and its tables for RESULTS.md), a reduced decode launch sweep,
+# `headkv bench` of every method on the built-in model on CUDA, and the end-to-end decode step of a 4-layer
+# pythia-2.8b-attention GPTNeoX, patched vs unpatched. Logs, CSVs and tables go to $OUT (or ./gpu-out).
 #
 #   HEADKV_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh
 #
@@ -40,10 +41,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/log
 step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_ops.py
 step kernels 240 python3 bench/gpu_kernels.py --csv "$OUT/gpu_kernels.csv" --force
 [ -f "$OUT/gpu_kernels.csv" ] && python3 bench/gpu_report.py "$OUT/gpu_kernels.csv" >"$OUT/gpu_kernels.md"
-step sweep 75 python3 bench/gpu_decode_sweep.py --chunks 64 256 1024 --blocks 32 64 --warps 2 4
+step sweep 60 python3 bench/gpu_decode_sweep.py --chunks 64 256 1024 --blocks 32 64 --warps 2 4
 analysis=bench/results/builtin/analysis
-step bench 90 python3 -m headkv_engine.cli bench --compare-all --statistics $analysis/head_statistics.json \
+step bench 60 python3 -m headkv_engine.cli bench --compare-all --statistics $analysis/head_statistics.json \
     --classifications $analysis/head_classifications.json --budget 64 --num-samples 2 --max-tokens 1024 \
     --max-new-tokens 32 --device cuda --output-dir /tmp/bench_builtin --force
 cp /tmp/bench_builtin/bench_results.csv /tmp/bench_builtin/bench_results.md "$OUT/" 2>/dev/null
-exit $status  # $OUT: log.txt, gpu_kernels.csv / .md, bench_results.csv / .md (the device returns at most 8 files)
+step e2e 60 python3 bench/e2e_decode.py --device cuda --layers 4 --contexts 8192 32768 --new-tokens 16 \
+    --csv "$OUT/e2e_decode_cuda.csv"
+# $OUT: log.txt, gpu_kernels.csv / .md, bench_results.csv / .md, e2e_decode_cuda.csv (a device call returns <= 8 files)
+exit $status
