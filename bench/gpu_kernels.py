@@ -254,22 +254,24 @@ def main(argv=None):
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown",
     }
     copy_bw = copy_bandwidth(device)
+    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     rows = []
+
+    def record(row):  # the CSV is rewritten (atomically) after every row: a run cut short keeps what it measured
+        rows.append({**meta, **row})
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        write_csv_atomic(args.csv, rows)
+
     for batch in args.batches:
         for context in args.contexts:
             if batch * context > 16 * 32768:  # keep the dense baseline within memory
                 continue
-            rows.append(bench_decode(batch, context, dtype, device, copy_bw))
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
+            record(bench_decode(batch, context, dtype, device, copy_bw))
     for context in () if args.skip_prefill else (2048, 8192, 32768):
         for sink_size, window_size in ((4, 8), (4, 24), (4, 252)):
-            rows.append(bench_prefill(context, sink_size, window_size, dtype, device))
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
+            record(bench_prefill(context, sink_size, window_size, dtype, device))
     for tokens in args.statistics_tokens:
-        rows.append(bench_statistics(tokens, device))
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-    write_csv_atomic(args.csv, [{**meta, **row} for row in rows])
+        record(bench_statistics(tokens, device))
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s on {meta['device']}; wrote {args.csv}")
 
 
