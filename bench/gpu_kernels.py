@@ -262,16 +262,20 @@ def main(argv=None):
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         write_csv_atomic(args.csv, rows)
 
-    for batch in args.batches:
+    def decode_rows(batch):
         for context in args.contexts:
-            if batch * context > 16 * 32768:  # keep the dense baseline within memory
-                continue
-            record(bench_decode(batch, context, dtype, device, copy_bw))
+            if batch * context <= 16 * 32768:  # keep the dense baseline within memory
+                record(bench_decode(batch, context, dtype, device, copy_bw))
+
+    # the first batch size (the decode target's), then prefill and statistics, then the larger batches
+    decode_rows(args.batches[0])
     for context in () if args.skip_prefill else (2048, 8192, 32768):
         for sink_size, window_size in ((4, 8), (4, 24), (4, 252)):
             record(bench_prefill(context, sink_size, window_size, dtype, device))
     for tokens in args.statistics_tokens:
         record(bench_statistics(tokens, device))
+    for batch in args.batches[1:]:
+        decode_rows(batch)
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s on {meta['device']}; wrote {args.csv}")
 
 
