@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, sized for one device call of at most 10 minutes (the limits below add up to 9):
-# the CUDA tests, the kernel benchmark (and its tables for RESULTS.md), a reduced decode launch sweep,
+# the CUDA tests, the kernel benchmark (and its tables for RESULTS.md), a reduced decode launch sweep, the
+# pytest-benchmark kernel microbenchmarks,
 # `headkv bench` of every method on the built-in model on CUDA, and the end-to-end decode step of a 4-layer
 # pythia-2.8b-attention GPTNeoX, patched vs unpatched. Logs, CSVs and tables go to $OUT (or ./gpu-out).
 #
@@ -39,9 +40,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/log
 }
 
 step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_ops.py
-step kernels 240 python3 bench/gpu_kernels.py --csv "$OUT/gpu_kernels.csv" --force
+step kernels 220 python3 bench/gpu_kernels.py --csv "$OUT/gpu_kernels.csv" --force
 [ -f "$OUT/gpu_kernels.csv" ] && python3 bench/gpu_report.py "$OUT/gpu_kernels.csv" >"$OUT/gpu_kernels.md"
 step sweep 60 python3 bench/gpu_decode_sweep.py --chunks 64 256 1024 --blocks 32 64 --warps 2 4
+step microbench 45 python3 -m pytest -q -p no:cacheprovider bench/bench_triton_kernels.py --benchmark-only \
+    --benchmark-group-by=param:case --benchmark-columns=min,median,mean,stddev,rounds
 analysis=bench/results/builtin/analysis
 step bench 60 python3 -m headkv_engine.cli bench --compare-all --statistics $analysis/head_statistics.json \
     --classifications $analysis/head_classifications.json --budget 64 --num-samples 2 --max-tokens 1024 \
