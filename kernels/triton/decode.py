@@ -41,17 +41,18 @@ def _chunk_pass(q_ptr, qs_ptr, k_ptr, v_ptr, sink_ptr, pos_ptr, qpos_ptr, bh, ba
         r_ok = rows < stop
         offs = (base + rows)[:, None] * HEAD_DIM + d[None, :]
         ok = r_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        s = tl.sum(k * q[None, :], axis=1) * scale
+        # both tiles are requested before either is used: a short head (or chunk) then waits for memory once
+        k = tl.load(k_ptr + offs, mask=ok, other=0.0)
+        v = tl.load(v_ptr + offs, mask=ok, other=0.0)
+        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale
         if HAS_QSINK:
-            s_sink = tl.sum(k * qs[None, :], axis=1) * scale
+            s_sink = tl.sum(k.to(tl.float32) * qs[None, :], axis=1) * scale
             s = tl.where(rows < sink, s_sink, s)
         s = tl.where(r_ok, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new)
-        v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         if WITH_STATS:
             pos = tl.load(pos_ptr + base + rows, mask=r_ok, other=-1)
             # e * (s - m_new) summed, the running part shifted from m to m_new first (l is its sum of e)
