@@ -95,6 +95,9 @@ def main(argv=None) -> None:
     profile = seed_mix_profile(args.layers, 32, 80)
     backend = resolve_backend(args.backend, device)
     rows = []
+    earlier = read_csv(args.csv) if args.csv and os.path.exists(args.csv) else []  # kept: rows are added
+    if args.csv:
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     for context in args.contexts:
         prompt = torch.randint(0, 1024, (1, context), generator=torch.Generator().manual_seed(context)).to(device)
         dense_times, dense_cache = time_decode(model, prompt, args.new_tokens)
@@ -113,6 +116,8 @@ def main(argv=None) -> None:
             "ragged_kv_bytes": ragged_cache.nbytes(), "kv_fraction": round(ragged_cache.nbytes() / dense_bytes, 4),
         })
         print(rows[-1], flush=True)
+        if args.csv:  # rewritten (atomically) after every context: a run cut short keeps what it measured
+            write_csv_atomic(args.csv, earlier + rows)
     print(f"\nmachine: {machine(device)}; {rows[0]['dtype']}; torch {torch.__version__}; backend {backend}; "
           f"commit {commit()}\n")
     print("| context | unpatched (sdpa) ms/token | patched ms/token | speedup | "
@@ -122,9 +127,6 @@ def main(argv=None) -> None:
         print(f"| {r['context']} | {r['dense_ms_per_token']:.1f} | {r['ragged_ms_per_token']:.1f} | "
               f"{r['speedup']:.2f}x | {r['dense_kv_bytes'] / 2**20:.1f} | {r['ragged_kv_bytes'] / 2**20:.1f} | "
               f"{100 * r['kv_fraction']:.1f}% |")
-    if args.csv:  # earlier rows are kept: the file is read, extended and written back atomically
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        write_csv_atomic(args.csv, (read_csv(args.csv) if os.path.exists(args.csv) else []) + rows)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one run, sized for one device call of at most 10 minutes (the limits below add up to 9):
+# Every GPU check in one run, sized for one device call of at most 10 minutes (the limits below add up to 565 s):
 # the CUDA tests, the kernel benchmark (and its tables for RESULTS.md), a reduced decode launch sweep, the
 # pytest-benchmark kernel microbenchmarks,
 # `headkv bench` of every method on the built-in model on CUDA, and the end-to-end decode step of a 4-layer
@@ -7,7 +7,7 @@
 #
 #   HEADKV_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh
 #
-# Expects python3 with torch (CUDA) and triton. A transformers wheel of the pinned range, where the machine's is
+# Expects python3 with torch (CUDA), triton, pytest and pytest-benchmark. A transformers wheel of the pinned range, where the machine's is
 # older, can be put in .whl/ beside the checkout; it is installed into /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -25,12 +25,14 @@ def main(argv=None):
     for batch, context in ((1, 8192), (1, 32768), (8, 8192)):
         k_pool, v_pool, base, kept, _, _ = ragged_cache(batch, context, torch.float16, torch.device("cuda"))
         q = torch.randn(batch, HEADS, HEAD_DIM, dtype=torch.float16, device="cuda")
+        counters = torch.zeros(batch * HEADS, dtype=torch.int32, device="cuda")  # no memset in the fused graphs
         results = []
         for chunk, block_n, warps, fused in itertools.product(args.chunks, args.blocks, args.warps, (False, True)):
             if block_n > chunk:
                 continue
             ms = graph_ms(lambda: decode(q, k_pool, v_pool, base, kept, 0.1, max_length=context, chunk=chunk,
-                                         block_n=block_n, num_warps=warps, fused=fused))
+                                         block_n=block_n, num_warps=warps, fused=fused,
+                                         counters=counters if fused else None))
             results.append((ms, chunk, block_n, warps, fused))
         results.sort()
         default = graph_ms(lambda: decode(q, k_pool, v_pool, base, kept, 0.1, max_length=context))

@@ -77,11 +77,14 @@ def bench_decode(batch, context, dtype, device, copy_bw):
     q = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype, device=device)
     scale = HEAD_DIM**-0.5
     launch = triton_module("decode").decode_attention
+    # the fused launches' own arrival counters, allocated outside the graphs so that no memset is captured
+    counters = torch.zeros(batch * HEADS, dtype=torch.int32, device=device)
+
     def ours_fn():
         return ops.decode_attention(q, k_pool, v_pool, base, kept, scale=scale, backend="triton", max_length=context)
 
     def fused_fn():  # the one-launch variant of the same kernel
-        return launch(q, k_pool, v_pool, base, kept, scale, max_length=context, fused=True)
+        return launch(q, k_pool, v_pool, base, kept, scale, max_length=context, fused=True, counters=counters)
 
     # with this step's entropy / sink / local mass (the positions only steer the masks)
     stats = (torch.arange(k_pool.shape[0], device=device) % context, torch.full((batch,), context, device=device), 4, 8)
@@ -90,7 +93,8 @@ def bench_decode(batch, context, dtype, device, copy_bw):
         return launch(q, k_pool, v_pool, base, kept, scale, max_length=context, stats=stats)
 
     def fused_stats_fn():
-        return launch(q, k_pool, v_pool, base, kept, scale, max_length=context, stats=stats, fused=True)
+        return launch(q, k_pool, v_pool, base, kept, scale, max_length=context, stats=stats, fused=True,
+                      counters=counters)
 
     kv_bytes = k_pool.nbytes + v_pool.nbytes
     k_dense = torch.randn(batch, HEADS, context, HEAD_DIM, dtype=dtype, device=device)
@@ -113,7 +117,7 @@ def bench_decode(batch, context, dtype, device, copy_bw):
 
     def fused_layers():
         for kp, vp, b, n in caches:
-            launch(q, kp, vp, b, n, scale, max_length=context, fused=True)
+            launch(q, kp, vp, b, n, scale, max_length=context, fused=True, counters=counters)
 
     def sdpa_layers():
         for kd, vd in dense:

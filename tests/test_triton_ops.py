@@ -93,6 +93,33 @@ def test_fused_decode_matches_reference(dtype, chunk):
             assert counters.numel() >= q.shape[0] * q.shape[1] and not counters.any()
 
 
+def test_fused_decode_below_max_length_truncates_and_leaves_no_trace():
+    """A max_length under the real length launches fewer chunks than a head has: the head is truncated, as in the
+    two-pass launch, and no counter is left waiting, so the next (correct) call is exact."""
+    from headkv_engine.kernel_sources import triton_module
+
+    decode = triton_module("decode")
+    (k_pool, v_pool, _), base, length = filled_cache(2, 16, seen=[150, 9], dtype=torch.float32, seed=4)
+    q = torch.randn(2, len(SINKS), 16, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    short = decode.decode_attention(q, k_pool, v_pool, base, length, 0.3, max_length=40, chunk=16, block_n=16)
+    got = decode.decode_attention(q, k_pool, v_pool, base, length, 0.3, max_length=40, chunk=16, block_n=16,
+                                  fused=True)
+    torch.testing.assert_close(got, short, atol=2e-5, rtol=2e-5)
+    assert not decode.arrival_counters(q.device, 2 * len(SINKS)).any()
+    want = ops.decode_attention_reference(q, k_pool, v_pool, base, length, scale=0.3)
+    for _ in range(2):
+        got = decode.decode_attention(q, k_pool, v_pool, base, length, 0.3, chunk=16, block_n=16, fused=True)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    # a caller's own counters (for graph capture): used, checked, left zero
+    own = torch.zeros(2 * len(SINKS), dtype=torch.int32, device=DEVICE)
+    got = decode.decode_attention(q, k_pool, v_pool, base, length, 0.3, chunk=16, block_n=16, fused=True,
+                                  counters=own)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert not own.any()
+    with pytest.raises(ValueError, match="counters"):
+        decode.decode_attention(q, k_pool, v_pool, base, length, 0.3, fused=True, counters=own[:3])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [None, 16], ids=["default-chunks", "many-chunks"])
 @pytest.mark.parametrize("fused", [False, True], ids=["two-pass", "fused"])

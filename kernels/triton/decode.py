@@ -170,7 +170,9 @@ def _decode_fused_kernel(
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
     length = tl.load(len_ptr + bh)
-    head_chunks = tl.cdiv(length, CHUNK)
+    # chunks launched for this head: a max_length below the real length truncates the head (as the two-pass
+    # launch does) rather than waiting for chunks that never run, which would leave the counter set
+    head_chunks = tl.minimum(tl.cdiv(length, CHUNK), num_chunks)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     if length == 0:
@@ -210,7 +212,8 @@ def _decode_fused_kernel(
 
 
 def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_sink=None, fill=None,
-                     max_length=None, chunk=None, block_n=None, num_warps=None, stats=None, fused=False, autotune=None):
+                     max_length=None, chunk=None, block_n=None, num_warps=None, stats=None, fused=False, autotune=None,
+                     counters=None):
     """Launch: q [B, H, D] contiguous, pools [N, D], base/length int64 [B, H]; returns [B, H, D].
 
     max_length (an upper bound of `length` known on the host) avoids a device synchronisation. stats:
@@ -218,6 +221,8 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
     entropy / sink mass / local mass). fused: one launch (the last chunk of a head merges) instead of a chunk
     pass and a merge pass. autotune: pick the tile rows and warps by timing (default: on CUDA,
     unless block_n or num_warps is given); else block_n (64) and num_warps (Triton's default) as given.
+    counters (fused only): zeroed int32 [>= B * H] arrival counters that the launch leaves zero, for a caller that
+    captures the launch in a CUDA graph and wants no memset in it; default: `arrival_counters`.
     """
     import torch  # noqa: PLC0415
 
@@ -251,10 +256,15 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
     else:
         pos_pool, query_position, stat_sink, stat_local, part_stats, stats_out = base, base, 0, 1, part_m, part_m
     if fused:
+        if counters is not None and (counters.dtype != torch.int32 or counters.numel() < rows
+                                     or counters.device != q.device):
+            raise ValueError(f"counters: expected zeroed int32 [>= {rows}] on {q.device}, got {counters.dtype} "
+                             f"[{counters.numel()}] on {counters.device}")
         kernel = _decode_fused_kernel_tuned if autotune else _decode_fused_kernel
         kernel[(rows, num_chunks)](
             q, q_sink if has_qsink else q, k_pool, v_pool, base, length, sink_size if has_qsink else base,
-            fill if fill is not None else q, out, part_o, part_m, part_l, arrival_counters(q.device, rows),
+            fill if fill is not None else q, out, part_o, part_m, part_l,
+            counters if counters is not None else arrival_counters(q.device, rows),
             pos_pool, query_position, part_stats, stats_out, stat_sink, stat_local, scale, heads, num_chunks,
             HEAD_DIM=head_dim, BLOCK_D=block_d, CHUNK=chunk, BLOCK_C=triton.next_power_of_2(num_chunks),
             HAS_QSINK=has_qsink, HAS_FILL=fill is not None, WITH_STATS=with_stats, **tiling,
@@ -283,22 +293,28 @@ _DECODE_CONFIGS = [
 MIN_CHUNK = 64
 _decode_chunk_kernel_tuned = triton.autotune(
     _DECODE_CONFIGS, key=["HEAD_DIM", "CHUNK", "HAS_QSINK", "WITH_STATS"])(_decode_chunk_kernel)
-# the fused kernel leaves its counters zero after every run, so the tuner may run it repeatedly
+# The fused kernel leaves its counters zero after every run, so the tuner may run it repeatedly. Its key has the
+# merge width (BLOCK_C): a tile picked for few chunks may not suit a merge of many.
 _decode_fused_kernel_tuned = triton.autotune(
-    _DECODE_CONFIGS, key=["HEAD_DIM", "CHUNK", "HAS_QSINK", "HAS_FILL", "WITH_STATS"])(_decode_fused_kernel)
+    _DECODE_CONFIGS, key=["HEAD_DIM", "CHUNK", "BLOCK_C", "HAS_QSINK", "HAS_FILL", "WITH_STATS"])(_decode_fused_kernel)
 
 _ARRIVAL_COUNTERS = {}
 
 
 def arrival_counters(device, rows):
-    """Zeroed int32 counters [>= rows] for the fused launch, one buffer per (device, stream), kept between calls.
+    """Zeroed int32 counters [>= rows] for the fused launch: eagerly, one buffer per (device, stream), kept between
+    calls; under CUDA graph capture, a fresh buffer each call.
 
-    The fused kernel leaves them zero (the merging program resets its head's counter), so a decode step is one
-    launch, with no memset before it. Launches on one stream are ordered, so they may share the buffer; another
-    stream gets its own.
+    The fused kernel leaves them zero (the merging program resets its head's counter), so an eager decode step is
+    one launch, with no memset before it. Launches on one stream are ordered, so they may share the buffer; another
+    stream gets its own. A captured graph must own its counters (a cached buffer may be replaced, freed and reused
+    while the graph still writes it, and graphs replayed on other streams would share it): there the zeroing is
+    part of the graph, unless the caller passes its own buffer (`decode_attention(..., counters=)`).
     """
     import torch  # noqa: PLC0415
 
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(rows, device=device, dtype=torch.int32)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     counters = _ARRIVAL_COUNTERS.get(key)
