@@ -60,6 +60,19 @@ def test_patched_model_on_cuda(position_mode):
     assert generated.shape == (2, 13)
 
 
+def test_beam_search_on_cuda():
+    """Beam search through the Triton kernels on CUDA equals beam search over the reference attention."""
+    from test_model import mixed_profile, reference_generate  # noqa: PLC0415
+
+    model = tiny_model(2, 4, 16).cuda()
+    prompt = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(11)).cuda()
+    profile = mixed_profile()
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, num_beams=3, do_sample=False)
+    with hk.patch_model(model, profile, backend="triton"):
+        got = model.generate(prompt, **kwargs)
+    assert torch.equal(got, reference_generate(model, profile, prompt, **kwargs))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_head_statistics_long_sequence(dtype):
     """The Triton statistics kernel at pythia-160m's head shape over 1500 tokens (many query and key tiles)."""
