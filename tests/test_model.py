@@ -138,7 +138,7 @@ def reference_generate(model, profile, prompt, **kwargs):
         def forward_with_positions(input_ids=None, attention_mask=None, **kw):
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
             ctx["positions"] = positions_from_mask(mask)
-            kw["position_ids"] = ctx["positions"].clamp(min=0)
+            kw["position_ids"] = ctx["positions"].clamp(min=0).to(input_ids.device)
             return original(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
         model.gpt_neox.forward = forward_with_positions
