@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headkv_engine import __version__, loading, zoo
-from headkv_engine.ablation_report import pareto_frontier, plot_ppl_vs_context
+from headkv_engine.ablation_report import BUDGET_GROUPS, budget_comparison, pareto_frontier, plot_ppl_vs_context
 from headkv_engine.analysis import analyze, classify, save_classifications, write_analysis
 from headkv_engine.analysis.layer_loss import load_layer_losses
 from headkv_engine.evaluation import evaluate
@@ -132,13 +132,8 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
 
 def _against_streaming(configs, group) -> str:
     """A report line: how the `group` profiles compare with StreamingLLM at each budget."""
-    wins = []
-    for c in configs.values():
-        if c["group"] == group:
-            budget = c["name"].rsplit("_", 1)[1]
-            streaming = configs.get(f"B_streaming_{budget}")
-            if streaming:
-                wins.append((budget, c["perplexity"], streaming["perplexity"]))
+    wins = [(budget, c["perplexity"], streaming["perplexity"])
+            for budget, c, streaming, _ in budget_comparison(configs, group) if streaming]
     better = [w for w in wins if w[1] <= w[2]]
     return (f"- `{group}` is at or below StreamingLLM's perplexity at {len(better)} of {len(wins)} budgets "
             f"({'; '.join(f'{b}: {f:.2f} vs {s:.2f}' for b, f, s in wins)}).")
@@ -196,7 +191,7 @@ def _write_report(results, classifications, output_dir):
         "",
         "## What it means",
         "",
-        *(_against_streaming(configs, group) for group in ("from_budget", "from_budget_measured")
+        *(_against_streaming(results["configs"], group) for group in BUDGET_GROUPS
           if any(c["group"] == group for c in results["configs"])),
         f"- The Pareto frontier (no profile with both less context and lower perplexity): {frontier}.",
         f"- The head-aware profile keeps {100 * configs['head_aware']['kv_fraction']:.1f}% of the KV cache at "
