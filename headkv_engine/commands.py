@@ -79,6 +79,14 @@ def ablate(args) -> int:
     from headkv_engine.ablation import run_ablation  # noqa: PLC0415
     from headkv_engine.ablation_report import write_report  # noqa: PLC0415
 
+    classifications = args.classifications
+    statistics = args.statistics
+    if args.layer_losses and not statistics:
+        raise ValueError("--layer-losses: prices the from_budget rows, which need --statistics")
+    # the inputs are checked before anything is loaded or removed
+    for flag, path in (("--layer-losses", args.layer_losses), ("--classifications", classifications),
+                       ("--statistics", statistics)):
+        _require_file(flag, path)
     if args.force and os.path.exists(os.path.join(args.output_dir, "ablation_results.json")):
         os.remove(os.path.join(args.output_dir, "ablation_results.json"))
     os.makedirs(args.output_dir, exist_ok=True)
@@ -86,16 +94,6 @@ def ablate(args) -> int:
     text = loading.load_text(args.text_file, None)
     ids = loading.encode_windows(tokenizer, text, args.max_tokens, args.windows, builtin=args.model == loading.BUILTIN,
                                  offset=args.offset)
-    classifications = args.classifications
-    statistics = args.statistics
-    if args.layer_losses and not statistics:
-        raise ValueError("--layer-losses: prices the from_budget rows, which need --statistics")
-    if args.layer_losses and not os.path.isfile(args.layer_losses):
-        raise ValueError(f"--layer-losses: {args.layer_losses!r} is not a file")
-    if classifications and not os.path.isfile(classifications):
-        raise ValueError(f"--classifications: {classifications!r} is not a file")
-    if statistics and not os.path.isfile(statistics):
-        raise ValueError(f"--statistics: {statistics!r} is not a file")
     results = run_ablation(model, ids, args.output_dir, ablation=args.ablation, classifications=classifications,
                            statistics=statistics, model_name=name, budgets=tuple(args.budgets), backend=args.backend,
                            layer_losses=args.layer_losses)
@@ -110,8 +108,7 @@ def demo(args) -> int:
 
     if min(args.budgets) <= 4:
         raise ValueError(f"--budgets: every budget must exceed the 4 StreamingLLM sinks, got {args.budgets}")
-    if args.layer_losses and not os.path.isfile(args.layer_losses):
-        raise ValueError(f"--layer-losses: {args.layer_losses!r} is not a file")
+    _require_file("--layer-losses", args.layer_losses)
     loading.prepare_output_dir(args.output_dir, args.force)
     results = run_demo(args.output_dir, model_id=args.model, text_file=args.text_file,
                        analysis_tokens=args.analysis_tokens, eval_tokens=args.eval_tokens,
@@ -139,3 +136,9 @@ def bench(args) -> int:
 def show_json(path) -> None:
     with open(path, encoding="utf-8") as f:
         print(json.dumps(json.load(f), indent=2))
+
+
+def _require_file(flag: str, path: str | None) -> None:
+    """A clear error for an optional input file that was given but does not exist."""
+    if path and not os.path.isfile(path):
+        raise ValueError(f"{flag}: {path!r} is not a file")
