@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
@@ -26,6 +24,7 @@ from transformers import GPTNeoXForCausalLM
 import headkv_engine as hk
 from headkv_engine.backends import resolve_backend
 from headkv_engine.files import read_csv, write_csv_atomic
+from headkv_engine.provenance import commit, processor
 from headkv_engine.quickstart import dense_cache_nbytes, random_gpt_neox, seed_mix_profile
 
 
@@ -53,28 +52,8 @@ def time_decode(model, prompt, new_tokens: int, warmup: int = 2):
 
 
 def machine(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
-
-
-def commit() -> str:
-    if os.environ.get("HEADKV_COMMIT"):  # a copy of the tree without .git (a lent GPU machine)
-        return os.environ["HEADKV_COMMIT"]
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    name = processor(device)
+    return name if device.type == "cuda" else f"{name}, {torch.get_num_threads()} threads"
 
 
 def main(argv=None) -> None:

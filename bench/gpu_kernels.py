@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import subprocess
 
 import torch
 import triton
@@ -28,6 +27,7 @@ import triton.testing
 from headkv_engine import ops
 from headkv_engine.files import write_csv_atomic
 from headkv_engine.kernel_sources import triton_module
+from headkv_engine.provenance import commit
 from headkv_engine.quickstart import seed_mix_profile
 
 HEADS, HEAD_DIM = 32, 80
@@ -254,8 +254,7 @@ def main(argv=None):
         "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__, "triton": triton.__version__,
         # the device copy of the tree has no .git: pass HEADKV_COMMIT=$(git rev-parse --short HEAD) from the checkout
-        "commit": os.environ.get("HEADKV_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown",
+        "commit": commit(),
     }
     copy_bw = copy_bandwidth(device)
     os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)

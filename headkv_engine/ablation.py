@@ -9,11 +9,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
 
 import torch
 from tqdm.auto import tqdm
 
+from headkv_engine import provenance
 from headkv_engine.evaluation import evaluate
 from headkv_engine.profile import Profile, write_json_atomic
 
@@ -73,15 +73,6 @@ def build_profile(name: str, num_layers: int, num_heads: int, classifications=No
     return Profile.from_group_name(name, classifications, num_layers, num_heads)
 
 
-def _commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.check_output(["git", "-C", here, "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run_ablation(model, input_ids, output_dir, *, ablation="all", classifications=None, statistics=None,
                  model_name="model", budgets=BUDGETS, backend="auto", progress=True, layer_losses=None) -> dict:
     """Evaluate every configuration on `input_ids` (a sequence, a batch or a list of windows); results go to
@@ -111,7 +102,7 @@ def run_ablation(model, input_ids, output_dir, *, ablation="all", classification
             "name": name, "group": group, "parameters": profile.meta, "perplexity": result.perplexity,
             "accuracy": result.accuracy, "effective_context": result.effective_context, "tokens": result.tokens,
             "kv_fraction": profile.summary(length)["kv_fraction"], "seconds": result.seconds,
-            "model": model_name, "commit": _commit(),
+            "model": model_name, "commit": provenance.commit(),
         })
         write_json_atomic(path, results)
     return results

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ import time
 import torch
 import transformers
 
-from headkv_engine import __version__, loading
+from headkv_engine import __version__, loading, provenance
 from headkv_engine.files import write_csv_atomic, write_text_atomic
 from headkv_engine.methods import fix_size_l2, l2_compress
 from headkv_engine.patching import patch_model
@@ -135,12 +134,6 @@ def worker(args) -> dict:
     }
 
 
-def _commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    run = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return run.stdout.strip() or "unknown"
-
-
 def run(args) -> list[dict]:
     """Every requested method (and `full`) in its own subprocess; CSV and markdown into args.output_dir."""
     methods = list(METHODS) if args.compare_all else list(dict.fromkeys(["full", args.method]))
@@ -165,7 +158,7 @@ def run(args) -> list[dict]:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     full = rows[0]
     meta = {"date": datetime.date.today().isoformat(), "machine": _machine(args.device), "torch": torch.__version__,
-            "transformers": transformers.__version__, "headkv_engine": __version__, "commit": _commit()}
+            "transformers": transformers.__version__, "headkv_engine": __version__, "commit": provenance.commit()}
     for row in rows:
         row.update(meta)
         row["tpot_speedup_vs_full"] = full["tpot_ms"] / row["tpot_ms"]
@@ -175,13 +168,8 @@ def run(args) -> list[dict]:
 
 
 def _machine(device) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores"
+    name = provenance.processor(device)
+    return name if device.startswith("cuda") else f"{name}, {os.cpu_count()} cores"
 
 
 def _write(rows, output_dir):
