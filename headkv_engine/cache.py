@@ -129,6 +129,7 @@ class HeadKVCache(Cache):
         self._seen_after: torch.Tensor | None = None  # [B] (host) once the step's tokens are stored
         self._all_real = True
         self._policies: dict = {}
+        self._failed: str | None = None  # why a forward stopped half-way through this cache
 
     @classmethod
     def from_dense(cls, profile: Profile, key_values, attention_mask=None, position_mode="absolute", backend="auto"):
@@ -163,10 +164,12 @@ class HeadKVCache(Cache):
 
         `attention_mask` holds the block's columns (1 = real token); padding may only precede real tokens.
         """
-        if self.seen is None:
-            self.seen = torch.zeros(batch_size, dtype=torch.long)
-        elif self.seen.shape[0] != batch_size:
+        if self._failed is not None:
+            raise RuntimeError(f"this HeadKVCache was left incomplete by a forward that failed ({self._failed}); "
+                               "start again from a new cache")
+        if self.seen is not None and self.seen.shape[0] != batch_size:
             raise ValueError(f"batch size changed from {self.seen.shape[0]} to {batch_size} within one HeadKVCache")
+        seen = torch.zeros(batch_size, dtype=torch.long) if self.seen is None else self.seen
         if attention_mask is None:
             real = torch.ones(batch_size, num_tokens, dtype=torch.long)
         else:
@@ -176,21 +179,28 @@ class HeadKVCache(Cache):
                     f"attention_mask must cover the new tokens: expected {(batch_size, num_tokens)}, "
                     f"got {tuple(real.shape)}"
                 )
-        counted = self.seen[:, None] + torch.cumsum(real, dim=1) - 1
+        counted = seen[:, None] + torch.cumsum(real, dim=1) - 1
         positions = torch.where(real.bool(), counted, torch.full_like(counted, -1))
         if bool(((positions[:, 1:] < positions[:, :-1]) & (positions[:, 1:] >= 0)).any()) or bool(
             ((real[:, 1:] == 0) & (real[:, :-1] == 1)).any()
         ):
             raise ValueError("attention_mask: padding must come before the real tokens (left padding)")
+        self.seen = seen  # only now: a refused block leaves the cache as it was
         self._positions = positions
         self._positions_on = {positions.device: positions}
-        self._seen_after = self.seen + real.sum(dim=1)
+        self._seen_after = seen + real.sum(dim=1)
         self._all_real = bool(real.all())
         return positions
 
     def end_step(self) -> None:
         self.seen = self._seen_after
         self.columns += self._positions.shape[1]
+        self._positions = None
+        self._positions_on = {}
+
+    def abort_step(self, error: BaseException) -> None:
+        """A forward failed within the step: some layers hold its tokens, others not. Later steps are refused."""
+        self._failed = f"{type(error).__name__}: {error}"
         self._positions = None
         self._positions_on = {}
 
@@ -289,6 +299,29 @@ class HeadKVCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    # Cache derives these from `self.layers`, which a HeadKVCache does not use; over an empty list they would
+    # say "every layer is linear attention" (so generate() would feed an already cached prompt again) and
+    # "croppable".
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * self.profile.num_layers
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.profile.num_layers
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * self.profile.num_layers
+
+    @property
+    def is_croppable(self) -> bool:
+        return False  # evicted tokens are gone: `crop` cannot restore an earlier state
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.seen is None else int(self.seen.shape[0])
+
     @property
     def is_initialized(self) -> bool:
         return self.seen is not None
@@ -349,6 +382,7 @@ class HeadKVCache(Cache):
         self.stores = [None] * self.profile.num_layers
         self.seen = None
         self.columns = 0
+        self._failed = None
 
     def __repr__(self) -> str:
         return (

@@ -46,6 +46,9 @@ def model_forward(
     **kwargs,
 ):
     handle = self._headkv_patch
+    # as transformers' output capturing does: an explicit return_dict, else the config's
+    return_dict = kwargs.pop("return_dict", None)
+    return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
     if (input_ids is None) ^ (inputs_embeds is not None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     if output_attentions:
@@ -88,14 +91,17 @@ def model_forward(
             )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-    finally:
-        cache.end_step()
+    except BaseException as error:
+        cache.abort_step(error)  # some layers stored the block, others not: the cache cannot be used further
+        raise
+    cache.end_step()
     hidden_states = self.final_layer_norm(hidden_states)
     if output_hidden_states:
         all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
-    return BaseModelOutputWithPast(
+    output = BaseModelOutputWithPast(
         last_hidden_state=hidden_states, cache=cache if use_cache else None, hidden_states=all_hidden_states
     )
+    return output if return_dict else output.to_tuple()
 
 
 def attention_forward(self, hidden_states, attention_mask=None, layer_past=None, position_embeddings=None, **kwargs):

@@ -1,7 +1,8 @@
 """patch_model / unpatch_model: run a Hugging Face model under a profile, and undo it exactly.
 
 Patching sets instance attributes only (the module classes are untouched, nothing happens at import time);
-unpatching deletes them, so the class methods are what runs again.
+unpatching puts back what the instances held before (a wrapper's instance-level `forward`, as accelerate's hooks
+install, or nothing, so the class methods run again).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from headkv_engine.profile import Profile, ProfileError
 POSITION_MODES = ("absolute", "shifted")
 # model_type -> module providing base_model, attention_modules, model_forward, attention_forward
 SUPPORTED = {"gpt_neox": gpt_neox}
+_ABSENT = object()
 
 
 class PatchHandle:
@@ -31,9 +33,12 @@ class PatchHandle:
     def _apply(self):
         family = self._family
         base = family.base_model(self.model)
+        attentions = family.attention_modules(self.model)
+        # instance-level forwards set before patching (hooks, user wrappers), restored by unpatch()
+        self._saved_forwards = [(module, vars(module).get("forward", _ABSENT)) for module in [base, *attentions]]
         base._headkv_patch = self
         base.forward = types.MethodType(family.model_forward, base)
-        for attention in family.attention_modules(self.model):
+        for attention in attentions:
             attention._headkv_rotary = base.rotary_emb
             attention.forward = types.MethodType(family.attention_forward, attention)
         self.model._headkv_patch = self
@@ -42,13 +47,18 @@ class PatchHandle:
     def unpatch(self) -> None:
         if not self.active:
             return
-        family = self._family
-        base = family.base_model(self.model)
-        for attention in family.attention_modules(self.model):
-            del attention.forward, attention._headkv_rotary
-        del base.forward, base._headkv_patch
+        base = self._family.base_model(self.model)
+        for module, forward in self._saved_forwards:
+            if forward is _ABSENT:
+                del module.forward
+            else:
+                module.forward = forward
+            if module is not base:
+                del module._headkv_rotary
+        del base._headkv_patch
         if self.model is not base:
             del self.model._headkv_patch
+        self._saved_forwards = []
         self.active = False
 
     def __enter__(self):
@@ -84,9 +94,15 @@ def patch_model(model, profile: Profile, backend: str = "auto", position_mode: s
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if position_mode not in POSITION_MODES:
         raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}")
-    if getattr(model, "_headkv_patch", None) is not None:
+    if _handle_of(model) is not None:
         raise RuntimeError("model is already patched; call headkv_engine.unpatch_model(model) first")
     profile.check_model(model)
+    rope_type = getattr(SUPPORTED[model_type].base_model(model).rotary_emb, "rope_type", "default")
+    if position_mode == "shifted" and ("dynamic" in rope_type or rope_type == "longrope"):
+        # shifted mode scores keys by distances within the kept cache, which holds only when a position's
+        # rotation does not depend on the length seen so far
+        raise ValueError(f"position_mode='shifted' needs a RoPE whose frequencies do not depend on the sequence "
+                         f"length; the model's rope_type is {rope_type!r} (use 'absolute')")
     device = next(model.parameters()).device
     resolve_backend(backend, device)  # fail now, not at the first forward, if the backend cannot run here
     handle = PatchHandle(model, profile, backend, position_mode, SUPPORTED[model_type])
@@ -96,10 +112,18 @@ def patch_model(model, profile: Profile, backend: str = "auto", position_mode: s
 
 def unpatch_model(model) -> None:
     """Restore a patched model exactly (its outputs equal the unpatched model's)."""
-    handle = getattr(model, "_headkv_patch", None)
+    handle = _handle_of(model)
     if handle is None:
         raise ValueError("model is not patched by headkv_engine")
     handle.unpatch()
+
+
+def _handle_of(model):
+    """The PatchHandle of `model`, or of the base model inside it (patched on its own), else None."""
+    handle = getattr(model, "_headkv_patch", None)
+    if handle is None and getattr(getattr(model, "config", None), "model_type", None) in SUPPORTED:
+        handle = getattr(SUPPORTED[model.config.model_type].base_model(model), "_headkv_patch", None)
+    return handle
 
 
 __all__ = ["PatchHandle", "ProfileError", "patch_model", "unpatch_model"]

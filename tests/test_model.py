@@ -203,6 +203,58 @@ def test_reordered_cache_continues_like_a_cache_of_the_reordered_batch(model, ba
         cache.reorder_cache(torch.tensor([7]))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_generate_continues_from_its_returned_cache(model, backend):
+    """A second generate() over the returned cache (a multi-turn chat) feeds only the new tokens: it equals one
+    generate() of the whole length, and the cache holds each token once."""
+    prompt = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(21))
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    profile = mixed_profile()
+    with hk.patch_model(model, profile, backend=backend):
+        whole = model.generate(prompt, attention_mask=mask, max_new_tokens=8, **kwargs)
+        first = model.generate(prompt, attention_mask=mask, max_new_tokens=4, return_dict_in_generate=True,
+                               **kwargs)
+        cache = first.past_key_values
+        assert cache.is_linear == [False] * LAYERS and not cache.is_croppable and cache.batch_size == 2
+        longer_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], dim=1)
+        second = model.generate(first.sequences, attention_mask=longer_mask, cache=cache, max_new_tokens=4,
+                                **kwargs)
+    assert torch.equal(second, whole)
+    assert cache.get_seq_length() == whole.shape[1] - 1  # the last token was sampled, never fed
+    real = longer_mask.sum(1) + 3
+    assert torch.equal(cache.kept_tokens(0)[:, 3], real)  # a full head holds every real token once
+    with pytest.raises(NotImplementedError, match="cropped"):
+        cache.crop(3)
+
+
+def test_failed_forward_leaves_a_refused_cache(model, ids):
+    """A forward that fails half-way (an out-of-memory in layer 1, say) leaves layer 0 holding the block and
+    layer 1 not; using that cache again raises rather than silently attending over the mismatch."""
+    with hk.patch_model(model, mixed_profile(), backend="torch"):
+        cache = model(ids[:, :8], use_cache=True).past_key_values
+        mlp = model.gpt_neox.layers[1].mlp
+
+        def out_of_memory(*args, **kwargs):
+            raise torch.OutOfMemoryError("simulated")
+
+        mlp.forward = out_of_memory
+        try:
+            with pytest.raises(torch.OutOfMemoryError):
+                model(ids[:, 8:10], cache=cache, use_cache=True)
+        finally:
+            del mlp.forward
+        with pytest.raises(RuntimeError, match="left incomplete.*OutOfMemoryError"):
+            model(ids[:, 8:10], cache=cache, use_cache=True)
+        # a block the cache refuses before any layer runs leaves it usable
+        fresh = model(ids[:, :8], use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="left padding"):
+            model(ids[:, 8:10], attention_mask=torch.tensor([[1, 0], [1, 1]]), cache=fresh, use_cache=True)
+        assert fresh.get_seq_length() == 8
+        model(ids[:, 8:10], cache=fresh, use_cache=True)
+
+
 def test_left_padded_generate_equals_alone(model):
     ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
@@ -234,6 +286,58 @@ def test_context_manager_and_double_patch(model, ids):
         with pytest.raises(RuntimeError, match="already patched"):
             hk.patch_model(model, mixed_profile())
     assert torch.equal(model(ids).logits, before)
+
+
+def test_patching_the_inner_model_counts_as_patched(model, ids):
+    """A GPTNeoXForCausalLM whose GPTNeoXModel is patched on its own is patched: a second patch is refused and
+    unpatch_model on either restores it."""
+    before = model(ids).logits
+    for unpatch_target in (model, model.gpt_neox):
+        handle = hk.patch_model(model.gpt_neox, mixed_profile(), backend="torch")
+        with pytest.raises(RuntimeError, match="already patched"):
+            hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend="torch")
+        hk.unpatch_model(unpatch_target)
+        assert not handle.active
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_unpatch_restores_instance_forwards(model, ids):
+    """A forward set on the instance before patching (accelerate's hooks, a user's wrapper) is put back."""
+    attention = model.gpt_neox.layers[0].attention
+    calls = []
+    original = attention.forward
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    attention.forward = wrapped
+    try:
+        with hk.patch_model(model, mixed_profile(), backend="torch"):
+            model(ids)
+        calls.clear()
+        model(ids)
+        assert calls == [1] and attention.forward is wrapped
+    finally:
+        del attention.forward
+
+
+def test_return_dict_false_gives_the_unpatched_tuple_layout(model, ids):
+    want = model.gpt_neox(ids, return_dict=False, use_cache=False)
+    with hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend="torch"):
+        got = model.gpt_neox(ids, return_dict=False, use_cache=False)
+        assert isinstance(got, tuple) and len(got) == len(want)
+        torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=0)
+        logits = model(ids, return_dict=False)[0]
+    torch.testing.assert_close(logits, model(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_shifted_mode_refuses_a_length_dependent_rope():
+    config_model = tiny_model(LAYERS, HEADS, HEAD_DIM)
+    config_model.gpt_neox.rotary_emb.rope_type = "dynamic"
+    with pytest.raises(ValueError, match="rope_type is 'dynamic'"):
+        hk.patch_model(config_model, hk.Profile.full(LAYERS, HEADS), position_mode="shifted")
+    hk.patch_model(config_model, hk.Profile.full(LAYERS, HEADS), position_mode="absolute").unpatch()
 
 
 def test_gpt_neox_model_without_head(model, ids):
