@@ -155,7 +155,7 @@ using HeadFn = void (*)(const Args&, int64_t, Workspace&);
 
 HeadFn pick_head_fn() {
 #ifdef HEADKV_AVX2_CLONE
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return head_avx2;
+  if (use_avx2()) return head_avx2;
 #endif
   return head_baseline;
 }

@@ -13,6 +13,16 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+@pytest.fixture(params=["native", "baseline"])
+def isa(request, monkeypatch):
+    """Which build of the C++ kernels runs: the one the CPU picks (AVX2 where it has it) or the baseline ISA."""
+    if request.param == "baseline":
+        monkeypatch.setenv("HEADKV_CPU_BASELINE", "1")
+    else:
+        monkeypatch.delenv("HEADKV_CPU_BASELINE", raising=False)
+    return request.param
+
+
 # --- a tiny GPTNeoX saved with a word-level tokenizer, and a text of its words (the command-line tests) -----
 
 WORDS = "the a head attends to first last token sink window cache of and is in on".split()

@@ -7,6 +7,8 @@ Each kernel test runs both builds of the kernels (AVX2 where the CPU has it, and
 tests need the extension: without it they fail (they never skip).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -21,16 +23,6 @@ LONG_SINKS = torch.tensor([70, 0, 3, 0])
 LONG_WINDOWS = torch.tensor([5, UNBOUNDED_WINDOW, 0, 130])
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPES = list(TOL)
-
-
-@pytest.fixture(params=["native", "baseline"])
-def isa(request, monkeypatch):
-    """Which build of the kernels runs: the one the CPU picks (AVX2 where it has it) or the baseline ISA."""
-    if request.param == "baseline":
-        monkeypatch.setenv("HEADKV_CPU_BASELINE", "1")
-    else:
-        monkeypatch.delenv("HEADKV_CPU_BASELINE", raising=False)
-    return request.param
 
 
 def ext():
@@ -299,12 +291,87 @@ def test_out_of_range_rows_are_refused_by_the_kernels():
     assert torch.equal(pools[0], torch.zeros(4, 8)) and (pools[2] == -1).all()  # checked before any write
     pos_pool = torch.zeros(4, dtype=torch.long)
     args = (k, k, k, positions, pool, pool, pos_pool, base, torch.tensor([[2, 2]]), sink, window)
-    with pytest.raises(ValueError, match="strictly increasing"):
-        ops.prefill_attention(*args[:3], torch.tensor([[0, 1, 3, 2, 4]]), *args[4:], scale=1.0, backend="cpu")
-    with pytest.raises(ValueError, match="strictly increasing"):  # padding only at the start
-        ops.prefill_attention(*args[:3], torch.tensor([[0, 1, -1, 2, 3]]), *args[4:], scale=1.0, backend="cpu")
     with pytest.raises(ValueError, match="sink_size and window_size must be >= 0"):
         ops.prefill_attention(*args[:9], sink, -window, scale=1.0, backend="cpu")
+
+
+VALIDATED_BACKENDS = ["torch", "cpu", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _triton_available(request):
+    """Triton is an optional extra: its cases skip where it is not installed, except in CI."""
+    params = getattr(request.node, "callspec", None)
+    if params is not None and params.params.get("backend") == "triton" and os.environ.get("CI") != "true":
+        pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("backend", VALIDATED_BACKENDS)
+def test_block_positions_must_be_padding_then_consecutive(backend):
+    """Every backend refuses what the Triton kernels cannot compute (they derive a column's position from the
+    last one): positions out of order, with gaps, or padding after a real token."""
+    k = torch.randn(1, 2, 5, 8)
+    pool = torch.zeros(4, 8)
+    none = torch.zeros(1, 2, dtype=torch.long)
+    sink, window = torch.tensor([1, 0]), torch.tensor([2, 3])
+    for positions in ([[0, 1, 3, 2, 4]], [[0, 1, 2, 10, 11]], [[0, 1, -1, 2, 3]], [[-2, 0, 1, 2, 3]]):
+        positions = torch.tensor(positions)
+        with pytest.raises(ValueError, match="positions: each row must be -1 .left padding. followed by consec"):
+            ops.prefill_attention(k, k, k, positions, pool, pool, torch.zeros(4, dtype=torch.long), none, none,
+                                  sink, window, scale=1.0, backend=backend)
+        with pytest.raises(ValueError, match="positions: each row must be -1"):
+            ops.append(pool, pool.clone(), torch.zeros(4, dtype=torch.long), none, k, k, positions, sink, window,
+                       backend=backend)
+    padded = torch.tensor([[-1, -1, 7, 8, 9]])  # left padding, then a later block of a sequence: accepted
+    out = ops.prefill_attention(k, k, k, padded, pool, pool, torch.zeros(4, dtype=torch.long), none, none, sink,
+                                window, scale=1.0, backend=backend)
+    assert out.shape == k.shape
+
+
+@pytest.mark.parametrize("backend", VALIDATED_BACKENDS)
+def test_rows_outside_the_pools_are_refused(backend):
+    q = torch.randn(1, 2, 8)
+    pool = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"2 \.\. 5.*outside the pools' 4 rows"):
+        ops.decode_attention(q, pool, pool, torch.tensor([[0, 2]]), torch.tensor([[2, 3]]), scale=1.0,
+                             backend=backend)
+    k = torch.randn(1, 2, 5, 8)
+    positions = torch.arange(5)[None]
+    pools = [torch.zeros(4, 8), torch.zeros(4, 8), torch.full((4,), -1)]
+    with pytest.raises(ValueError, match="outside the pools' 4 rows"):  # head 1 (window 3) needs rows 2..4
+        ops.append(*pools, torch.tensor([[0, 2]]), k, k, positions, torch.tensor([0, 0]), torch.tensor([2, 3]),
+                   backend=backend)
+    assert torch.equal(pools[0], torch.zeros(4, 8)) and (pools[2] == -1).all()  # checked before any write
+    with pytest.raises(ValueError, match="outside the pools' 4 rows"):
+        ops.prefill_attention(k, k, k, positions, pool, pool, torch.zeros(4, dtype=torch.long),
+                              torch.tensor([[0, 3]]), torch.tensor([[2, 2]]), torch.tensor([0, 0]),
+                              torch.tensor([2, 3]), scale=1.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", VALIDATED_BACKENDS)
+def test_an_empty_block_is_a_no_op(backend):
+    k = torch.randn(2, 3, 0, 8)
+    pools = [torch.randn(6, 8), torch.randn(6, 8), torch.arange(6)]
+    before = [p.clone() for p in pools]
+    base = torch.arange(6).view(2, 3)
+    length = torch.ones(2, 3, dtype=torch.long)
+    sink, window = torch.tensor([0, 1, 0]), torch.tensor([UNBOUNDED_WINDOW, 2, 1])
+    positions = torch.zeros(2, 0, dtype=torch.long)
+    ops.append(*pools, base, k, k, positions, sink, window, backend=backend)
+    assert all(torch.equal(p, b) for p, b in zip(pools, before))
+    out = ops.prefill_attention(k, k, k, positions, *pools, base, length, sink, window, scale=1.0, backend=backend)
+    assert out.shape == (2, 3, 0, 8)
+
+
+@pytest.mark.parametrize("backend", VALIDATED_BACKENDS)
+def test_decode_sink_query_must_have_the_query_shape(backend):
+    q = torch.randn(2, 2, 8)
+    pool = torch.randn(4, 8)
+    base, length = torch.tensor([[0, 1], [2, 3]]), torch.ones(2, 2, dtype=torch.long)
+    for shape in ((1, 2, 8), (2, 2, 4)):
+        with pytest.raises(ValueError, match=r"q_sink must have q's shape \(2, 2, 8\)"):
+            ops.decode_attention(q, pool, pool, base, length, scale=1.0, sink_size=torch.tensor([1, 1]),
+                                 q_sink=torch.randn(shape), backend=backend)
 
 
 def test_extension_checks_its_arguments():

@@ -30,9 +30,10 @@ def brute_force(q, k, scale, sink_size=4, local_window=8, recent_ratio=0.1):
     return out
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend,isa", [("torch", "native"), ("cpu", "native"), ("cpu", "baseline")],
+                         indirect=["isa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_brute_force(backend, dtype):
+def test_matches_brute_force(backend, isa, dtype):
     gen = torch.Generator().manual_seed(0)
     q, k = ((torch.randn(3, 70, 16, generator=gen) * 2).to(dtype) for _ in range(2))
     sums = head_statistics(q, k, 0, scale=0.25, backend=backend)

@@ -45,6 +45,41 @@ def check_fill(fill, num_heads: int, head_dim: int, device) -> None:
     check_shape("fill", fill, (num_heads, head_dim))
 
 
+def check_rows_in_pools(base: torch.Tensor, length: torch.Tensor, num_rows: int) -> None:
+    """Each head's rows base .. base + length lie inside the pools' `num_rows` rows.
+
+    Reads the index tensors, so the dispatchers call it where that is free (CPU tensors) or where speed does not
+    matter (the torch reference); the C++ kernels check it themselves, the Triton ones on CUDA assume it.
+    """
+    bad = (length < 0) | ((length > 0) & ((base < 0) | (base + length > num_rows)))
+    if bool(bad.any()):
+        b, h = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"base/length: rows base .. base + length of (sequence {b}, head {h}) are {int(base[b, h])} .. "
+            f"{int(base[b, h] + length[b, h])}, outside the pools' {num_rows} rows"
+        )
+
+
+def check_block_positions(positions: torch.Tensor) -> None:
+    """A block's positions [B, T]: each row is -1 (left padding), then consecutive positions.
+
+    The kernels derive each column's position from the block's last one. One token per sequence (a decode step)
+    is not read on a GPU, which would cost a synchronisation per step.
+    """
+    if positions.shape[1] < 2 and positions.device.type != "cpu":
+        return
+    broken = torch.zeros_like(positions, dtype=torch.bool)  # [B, T]: column t does not follow column t - 1
+    broken[:, 1:] = (positions[:, :-1] >= 0) & (positions[:, 1:] != positions[:, :-1] + 1)
+    broken |= positions < -1
+    if bool(broken.any()):
+        row, col = (int(i) for i in broken.nonzero()[0])
+        shown = positions[row, max(0, col - 3) : col + 3].tolist()
+        raise ValueError(
+            "positions: each row must be -1 (left padding) followed by consecutive positions; row "
+            f"{row} has {int(positions[row, col])} at column {col} (columns {max(0, col - 3)}..: {shown})"
+        )
+
+
 def gather_slots(pool: torch.Tensor, base: torch.Tensor, length: torch.Tensor):
     """Rows base..base+length of `pool` for every (sequence, head), padded: ([B, H, L, ...], valid [B, H, L])."""
     max_len = int(length.max()) if length.numel() else 0

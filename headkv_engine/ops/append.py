@@ -17,7 +17,7 @@ import torch
 from headkv_engine.backends import resolve_backend
 from headkv_engine.kernel_sources import triton_module
 from headkv_engine.ops import _cpu
-from headkv_engine.ops._checks import FLOAT_DTYPES, check_index, check_pools, check_tensor
+from headkv_engine.ops._checks import FLOAT_DTYPES, check_block_positions, check_index, check_pools, check_tensor
 
 
 def slot_of(positions, sink_size, window_size):
@@ -34,6 +34,19 @@ def kept_after(positions, sink_size, window_size):
     return keep & (pos >= 0)
 
 
+def check_rows_written(base, positions, sink_size, window_size, num_rows: int) -> None:
+    """The rows the block is written to lie inside the pools (the C++ kernel checks this itself)."""
+    keep = kept_after(positions, sink_size, window_size)
+    rows = base[..., None] + slot_of(positions[:, None, :], sink_size[None, :, None], window_size[None, :, None])
+    bad = keep & ((rows < 0) | (rows >= num_rows))
+    if bool(bad.any()):
+        b, h, t = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"base: token {t} of (sequence {b}, head {h}) goes to row {int(rows[b, h, t])}, outside the pools' "
+            f"{num_rows} rows (the caller reserves min(tokens seen, S + W) rows per head)"
+        )
+
+
 def append_reference(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size):
     keep = kept_after(positions, sink_size, window_size)
     rows = base[..., None] + slot_of(positions[:, None, :], sink_size[None, :, None], window_size[None, :, None])
@@ -44,7 +57,10 @@ def append_reference(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size,
 
 
 def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size, *, backend="auto"):
-    """Write k, v [B, H, T, D] at positions [B, T] (-1 = padding) into the pools (rows [N, D], pos_pool [N])."""
+    """Write k, v [B, H, T, D] at positions [B, T] into the pools (rows [N, D], pos_pool [N]).
+
+    positions: per row -1 (left padding), then consecutive positions, as in `prefill_attention`.
+    """
     check_tensor("k", k, dim=4, dtypes=FLOAT_DTYPES)
     batch, heads, tokens, head_dim = k.shape
     check_tensor("v", v, dim=4, dtypes=(k.dtype,), device=k.device)
@@ -59,7 +75,12 @@ def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_si
     for name, pool in (("k_pool", k_pool), ("v_pool", v_pool), ("pos_pool", pos_pool)):
         if not pool.is_contiguous():
             raise ValueError(f"{name} must be contiguous: append writes it in place")
+    check_block_positions(positions)
     kind = resolve_backend(backend, k.device)
+    if tokens == 0:
+        return
+    if kind == "torch" or (kind == "triton" and k.device.type == "cpu"):
+        check_rows_written(base, positions, sink_size, window_size, k_pool.shape[0])
     if kind == "torch":
         append_reference(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size)
         return

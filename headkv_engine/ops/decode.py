@@ -18,7 +18,15 @@ import torch
 from headkv_engine.backends import resolve_backend
 from headkv_engine.kernel_sources import triton_module
 from headkv_engine.ops import _cpu
-from headkv_engine.ops._checks import FLOAT_DTYPES, check_fill, check_index, check_pools, check_tensor, gather_slots
+from headkv_engine.ops._checks import (
+    FLOAT_DTYPES,
+    check_fill,
+    check_index,
+    check_pools,
+    check_rows_in_pools,
+    check_tensor,
+    gather_slots,
+)
 
 STAT_FIELDS = ("entropy", "sink_mass", "local_mass")
 
@@ -69,11 +77,15 @@ def decode_attention(
     check_index("length", length, (batch, heads), q.device)
     if q_sink is not None:
         check_tensor("q_sink", q_sink, dim=3, dtypes=(q.dtype,), device=q.device)
+        if q_sink.shape != q.shape:
+            raise ValueError(f"q_sink must have q's shape {tuple(q.shape)}, got {tuple(q_sink.shape)}")
         if sink_size is None:
             raise ValueError("sink_size [H] is required with q_sink")
         check_index("sink_size", sink_size, (heads,), q.device)
     check_fill(fill, heads, head_dim, q.device)
     kind = resolve_backend(backend, q.device)
+    if kind == "torch" or (kind == "triton" and q.device.type == "cpu"):
+        check_rows_in_pools(base, length, k_pool.shape[0])
     if return_stats:
         check_index("pos_pool", pos_pool, (k_pool.shape[0],), q.device)
         check_index("query_position", query_position, (batch,), q.device)

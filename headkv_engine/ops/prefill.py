@@ -18,7 +18,16 @@ import torch
 from headkv_engine.backends import resolve_backend
 from headkv_engine.kernel_sources import triton_module
 from headkv_engine.ops import _cpu
-from headkv_engine.ops._checks import FLOAT_DTYPES, check_fill, check_index, check_pools, check_tensor, gather_slots
+from headkv_engine.ops._checks import (
+    FLOAT_DTYPES,
+    check_block_positions,
+    check_fill,
+    check_index,
+    check_pools,
+    check_rows_in_pools,
+    check_tensor,
+    gather_slots,
+)
 
 
 def visible(q_pos, k_pos, sink_size, window_size):
@@ -66,7 +75,8 @@ def prefill_attention(
 ):
     """Masked attention of q, k, v [B, H, T, D] (the new block) over cached rows plus the block itself.
 
-    positions: int64 [B, T], the absolute position of each new token (-1 = padding), increasing along T;
+    positions: int64 [B, T], the absolute position of each new token: per row -1 (left padding), then
+    consecutive positions;
     pos_pool: int64 [N] positions of the cached rows; base, length: int64 [B, H];
     sink_size, window_size: int64 [H]. Returns [B, H, T, D] in q's dtype.
     """
@@ -88,7 +98,12 @@ def prefill_attention(
         if q_sink.shape != q.shape:
             raise ValueError(f"q_sink must have q's shape {tuple(q.shape)}, got {tuple(q_sink.shape)}")
     check_fill(fill, heads, head_dim, q.device)
+    check_block_positions(positions)
     kind = resolve_backend(backend, q.device)
+    if kind == "torch" or (kind == "triton" and q.device.type == "cpu"):
+        check_rows_in_pools(base, length, k_pool.shape[0])
+    if tokens == 0:
+        return torch.empty_like(q)
     if kind == "torch":
         return prefill_attention_reference(
             q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size, window_size,

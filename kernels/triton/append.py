@@ -11,10 +11,10 @@ import triton.language as tl
 @triton.jit
 def _append_kernel(
     k_ptr, v_ptr, pos_ptr, kpool_ptr, vpool_ptr, ppool_ptr, base_ptr, sink_ptr, window_ptr,
-    num_heads, tokens,
+    num_heads, tokens, num_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a block may hold more than 2**31 values
     t0 = tl.program_id(1) * BLOCK_T
     b = bh // num_heads
     h = bh % num_heads
@@ -28,6 +28,7 @@ def _append_kernel(
     keep = t_ok & (p >= 0) & ((p < sink) | (p > last - window))
     ring = sink + (p - sink) % tl.maximum(window, 1)
     row = base + tl.where(p < sink, p, ring)
+    keep = keep & (row >= 0) & (row < num_rows)  # never write outside the pools, whatever base holds
     d = tl.arange(0, BLOCK_D)
     ok = keep[:, None] & (d < HEAD_DIM)[None, :]
     src = (bh * tokens + t)[:, None] * HEAD_DIM + d[None, :]
@@ -42,8 +43,10 @@ def _append_kernel(
 def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size, block_t=None):
     """Launch: k, v [B, H, T, D] contiguous, positions [B, T]; writes the pools in place."""
     batch, heads, tokens, head_dim = k.shape
+    if tokens == 0:
+        return
     block_t = block_t or min(64, triton.next_power_of_2(tokens))
     _append_kernel[(batch * heads, triton.cdiv(tokens, block_t))](
-        k, v, positions, k_pool, v_pool, pos_pool, base, sink_size, window_size, heads, tokens,
+        k, v, positions, k_pool, v_pool, pos_pool, base, sink_size, window_size, heads, tokens, k_pool.shape[0],
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=block_t,
     )

@@ -39,7 +39,7 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_QSINK: tl.constexpr, HAS_FILL: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a block may hold more than 2**31 values
     m0 = tl.program_id(1) * BLOCK_M
     b = bh // num_heads
     h = bh % num_heads

@@ -44,7 +44,7 @@ def _head_statistics_kernel(
     LOG2_PAD: tl.constexpr, PRECISION: tl.constexpr, RELATIVE_BINS: tl.constexpr, REGIONS_AT: tl.constexpr,
     RELATIVE_AT: tl.constexpr, SINKS_AT: tl.constexpr, LOG2_AT: tl.constexpr,
 ):
-    h = tl.program_id(0)
+    h = tl.program_id(0).to(tl.int64)  # 64-bit offsets: long sequences of many heads pass 2**31 values
     blk = tl.program_id(1)
     i = blk * BLOCK_Q + tl.arange(0, BLOCK_Q)
     pos = q_start + i
