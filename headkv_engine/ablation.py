@@ -7,6 +7,7 @@ JSON file as it finishes (a rerun skips what is there), then `write_report` draw
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 
@@ -73,6 +74,32 @@ def build_profile(name: str, num_layers: int, num_heads: int, classifications=No
     return Profile.from_group_name(name, classifications, num_layers, num_heads)
 
 
+def _digest(value) -> str | None:
+    """A short content hash of an input: a file's bytes, or a JSON-able object; None for none given."""
+    if value is None:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        with open(value, "rb") as f:
+            data = f.read()
+    else:
+        try:
+            data = json.dumps(value, sort_keys=True).encode()
+        except TypeError:  # an object without a stable serialisation: only its type can be compared
+            data = type(value).__qualname__.encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def input_fingerprints(windows, classifications, statistics, layer_losses) -> dict:
+    """What the results of a run depend on besides the configuration: the evaluated tokens (text, offset,
+    window length and count) and the input files, each as a short hash."""
+    tokens = hashlib.sha256()
+    for window in windows:
+        tokens.update(window.to(torch.int64).cpu().numpy().tobytes())
+        tokens.update(b"|")
+    return {"tokens": tokens.hexdigest()[:16], "classifications": _digest(classifications),
+            "statistics": _digest(statistics), "layer_losses": _digest(layer_losses)}
+
+
 def run_ablation(model, input_ids, output_dir, *, ablation="all", classifications=None, statistics=None,
                  model_name="model", budgets=BUDGETS, backend="auto", progress=True, layer_losses=None) -> dict:
     """Evaluate every configuration on `input_ids` (a sequence, a batch or a list of windows); results go to
@@ -81,15 +108,21 @@ def run_ablation(model, input_ids, output_dir, *, ablation="all", classification
     length = max(int(w.numel()) for w in windows)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "ablation_results.json")
+    inputs = input_fingerprints(windows, classifications, statistics, layer_losses)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             results = json.load(f)
         if results.get("format") != RESULTS_FORMAT or results.get("model") != model_name:
             raise ValueError(f"{path} holds results of another run (model {results.get('model')!r}); use another "
                              "--output-dir or --force")
+        # resuming adds configurations; every row must come from the same tokens and the same inputs
+        changed = sorted(key for key in inputs if results.get("inputs", {}).get(key) != inputs[key])
+        if changed:
+            raise ValueError(f"{path} holds results of another evaluation (it differs in: {', '.join(changed)}); "
+                             "use another --output-dir, or --force to start over")
     else:
         results = {"format": RESULTS_FORMAT, "model": model_name, "tokens": sum(int(w.numel()) for w in windows),
-                   "windows": len(windows), "window_tokens": length,
+                   "windows": len(windows), "window_tokens": length, "inputs": inputs,
                    "created": datetime.datetime.now().isoformat(timespec="seconds"), "configs": []}
     done = {c["name"] for c in results["configs"]}
     todo = [c for c in configurations(ablation, classifications, statistics, budgets, layer_losses)

@@ -19,6 +19,36 @@ def _quickstart(args) -> int:
     return 0
 
 
+CLI_BACKENDS = ["auto", "torch", "cpu", "triton"]
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= minimum (argparse names the flag in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
 def _command(name):
     def run(args):
         from headkv_engine import commands  # noqa: PLC0415
@@ -31,11 +61,11 @@ def _command(name):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headkv", description="Head-aware KV-cache compression for GPTNeoX models")
     commands = parser.add_subparsers(dest="command", required=True)
-    backends = ["auto", "torch", "cpu", "triton"]
+    backends = CLI_BACKENDS
 
     quick = commands.add_parser("quickstart", help="run the engine on a random tiny GPTNeoX (no download)")
-    quick.add_argument("--context", type=int, default=1024, help="prompt length in tokens (default 1024)")
-    quick.add_argument("--new-tokens", type=int, default=32, help="tokens to decode when timing (default 32)")
+    quick.add_argument("--context", type=at_least(2), default=1024, help="prompt length in tokens (default 1024)")
+    quick.add_argument("--new-tokens", type=at_least(1), default=32, help="tokens to decode when timing (default 32)")
     quick.add_argument("--backend", default="auto", choices=backends)
     quick.set_defaults(func=_quickstart)
 
@@ -44,14 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     source = analyze.add_mutually_exclusive_group()
     source.add_argument("--text-file", help="text to analyse (default: the built-in held-out text)")
     source.add_argument("--dataset", help="a `datasets` dataset, 'name' or 'name:config' (needs network)")
-    analyze.add_argument("--max-tokens", type=int, default=2048)
-    analyze.add_argument("--windows", type=int, default=1,
+    analyze.add_argument("--max-tokens", type=at_least(2), default=2048)
+    analyze.add_argument("--windows", type=at_least(1), default=1,
                          help="analyse this many consecutive windows of --max-tokens (the built-in model: BOS first in "
                               "each), e.g. windows of the context the model is trained and evaluated at")
-    analyze.add_argument("--chunk-size", type=int, default=512)
-    analyze.add_argument("--sink-size", type=int, default=4)
-    analyze.add_argument("--local-window", type=int, default=8)
-    analyze.add_argument("--recent-ratio", type=float, default=0.1)
+    analyze.add_argument("--chunk-size", type=at_least(1), default=512)
+    analyze.add_argument("--sink-size", type=at_least(0), default=4)
+    analyze.add_argument("--local-window", type=at_least(1), default=8)
+    analyze.add_argument("--recent-ratio", type=fraction, default=0.1)
     analyze.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                          help="run the model in bf16 (default: on CUDA only)")
     analyze.add_argument("--backend", default="auto", choices=backends)
@@ -63,11 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", default="builtin", help="hub id, local directory, or 'builtin' (default)")
     calibrate.add_argument("--text-file", help="calibration text, not the evaluated one (default: the built-in "
                                                "held-out text)")
-    calibrate.add_argument("--max-tokens", type=int, default=512, help="tokens per window")
-    calibrate.add_argument("--windows", type=int, default=4, help="consecutive windows of --max-tokens")
-    calibrate.add_argument("--offset", type=int, default=0, help="start at this token of the text")
-    calibrate.add_argument("--sink-size", type=int, default=4)
-    calibrate.add_argument("--window-sizes", type=int, nargs="+",
+    calibrate.add_argument("--max-tokens", type=at_least(2), default=512, help="tokens per window")
+    calibrate.add_argument("--windows", type=at_least(1), default=4, help="consecutive windows of --max-tokens")
+    calibrate.add_argument("--offset", type=at_least(0), default=0, help="start at this token of the text")
+    calibrate.add_argument("--sink-size", type=at_least(0), default=4)
+    calibrate.add_argument("--window-sizes", type=at_least(1), nargs="+",
                            help="windows to measure (default: 16 32 64 128 192 256 384, analysis.layer_loss.WINDOWS)")
     calibrate.add_argument("--backend", default="auto", choices=backends)
     calibrate.add_argument("--output", required=True, help="layer_losses.json to write")
@@ -85,12 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="headkv-demo")
     demo.add_argument("--model", default="builtin", help="hub id, local directory, or 'builtin' (default)")
     demo.add_argument("--text-file", help="held-out text (default: the built-in held-out text)")
-    demo.add_argument("--analysis-tokens", type=int, default=2048)
-    demo.add_argument("--eval-tokens", type=int, default=512, help="tokens per evaluation window")
-    demo.add_argument("--eval-windows", type=int, default=4, help="consecutive evaluation windows")
-    demo.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 256])
-    demo.add_argument("--decode-context", type=int, default=1024)
-    demo.add_argument("--new-tokens", type=int, default=32)
+    demo.add_argument("--analysis-tokens", type=at_least(2), default=2048)
+    demo.add_argument("--eval-tokens", type=at_least(2), default=512, help="tokens per evaluation window")
+    demo.add_argument("--eval-windows", type=at_least(1), default=4, help="consecutive evaluation windows")
+    demo.add_argument("--budgets", type=at_least(1), nargs="+", default=[32, 64, 128, 256])
+    demo.add_argument("--decode-context", type=at_least(2), default=1024)
+    demo.add_argument("--new-tokens", type=at_least(1), default=32)
     demo.add_argument("--backend", default="auto", choices=backends)
     demo.add_argument("--layer-losses", help="layer_losses.json of `headkv calibrate`: adds from_budget_measured "
                       "profiles (default: the built-in model's own calibration, for the built-in model)")
@@ -114,10 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--statistics", help="head_statistics.json (from_budget rows)")
     ablate.add_argument("--layer-losses",
                         help="layer_losses.json of `headkv calibrate`: adds from_budget_measured rows, priced by them")
-    ablate.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 256, 512])
-    ablate.add_argument("--max-tokens", type=int, default=1000)
-    ablate.add_argument("--windows", type=int, default=1, help="evaluate this many consecutive windows of --max-tokens")
-    ablate.add_argument("--offset", type=int, default=0,
+    ablate.add_argument("--budgets", type=at_least(1), nargs="+", default=[32, 64, 128, 256, 512])
+    ablate.add_argument("--max-tokens", type=at_least(2), default=1000)
+    ablate.add_argument("--windows", type=at_least(1), default=1,
+                        help="evaluate this many consecutive windows of --max-tokens")
+    ablate.add_argument("--offset", type=at_least(0), default=0,
                         help="evaluate from this token of the text on (e.g. past the part the analysis saw)")
     ablate.add_argument("--backend", default="auto", choices=backends)
     ablate.add_argument("--output-dir", required=True)
@@ -127,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # bad arguments (argparse printed why) or --help: its exit status, returned
+        return exit_.code
     try:
         return args.func(args)
     except (ValueError, RuntimeError, OSError, TypeError) as exc:

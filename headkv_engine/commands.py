@@ -57,12 +57,12 @@ def calibrate(args) -> int:
 
 def validate(args) -> int:
     from headkv_engine.analysis import load_classifications, load_statistics, write_validation  # noqa: PLC0415
+    from headkv_engine.analysis.report import check_same_heads  # noqa: PLC0415
 
     stats_path = os.path.join(args.results_dir, "head_statistics.json")
     if not os.path.isfile(stats_path):
         raise ValueError(f"--results-dir: {stats_path} not found (run `headkv analyze` first)")
     output_dir = args.output_dir or os.path.join(args.results_dir, "validation")
-    loading.prepare_output_dir(output_dir, args.force)
     statistics, info = load_statistics(stats_path)
     classifications = None  # --reclassify: classify the statistics again
     if not args.reclassify:
@@ -70,6 +70,8 @@ def validate(args) -> int:
         if not os.path.isfile(cls_path):
             raise ValueError(f"--results-dir: {cls_path} not found; pass --reclassify to classify from the statistics")
         classifications = load_classifications(cls_path)
+        check_same_heads(statistics, classifications)  # before anything is written
+    loading.prepare_output_dir(output_dir, args.force)
     files = write_validation(statistics, info, output_dir, classifications)
     print(f"wrote {', '.join(files)} to {output_dir}")
     return 0

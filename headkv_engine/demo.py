@@ -24,26 +24,16 @@ from headkv_engine.evaluation import evaluate
 from headkv_engine.files import write_text_atomic
 from headkv_engine.patching import patch_model
 from headkv_engine.profile import Profile, write_json_atomic
+from headkv_engine.quickstart import decode_ms_per_token, dense_cache_nbytes
 
 
 def _decode_speed(model, prompt, new_tokens, profile=None, backend="auto"):
     """(ms per decoded token, KV bytes) of greedy decoding after `prompt`, with or without a profile."""
-
-    @torch.no_grad()
-    def run():
-        out = model(prompt[None], use_cache=True)
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(token, cache=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-        return 1000 * (time.perf_counter() - start) / new_tokens, cache
-
     if profile is None:
-        ms, cache = run()
-        return ms, sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        ms, cache = decode_ms_per_token(model, prompt[None], new_tokens)
+        return ms, dense_cache_nbytes(cache)
     with patch_model(model, profile, backend=backend):
-        ms, cache = run()
+        ms, cache = decode_ms_per_token(model, prompt[None], new_tokens)
     return ms, cache.nbytes()
 
 
@@ -62,17 +52,19 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
     if layer_losses is not None:
         layer_losses = load_layer_losses(layer_losses)
     prompt = loading.encode(tokenizer, text, decode_context, builtin=builtin)  # for the decode timing
-    # evaluation windows come after the analysed tokens when the text is long enough
+    # the analysis reads windows of the evaluated length (at least one) from the start of the text; the
+    # evaluation windows come right after them, so no evaluated token was analysed
+    analysis_windows = max(1, analysis_tokens // eval_tokens)
+    analysis_ids = loading.encode_windows(tokenizer, text, eval_tokens, analysis_windows, builtin=builtin)
+    eval_offset = analysis_windows * loading.window_step(eval_tokens, builtin)
     eval_ids = loading.encode_windows(tokenizer, text, eval_tokens, eval_windows, builtin=builtin,
-                                      offset=analysis_tokens)
+                                      offset=eval_offset)
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     steps.set_postfix_str("analysis")
 
-    # 1. analyse and classify the heads on the first `analysis_tokens` tokens, in windows of the evaluated length:
-    # the heads are measured at the context the profiles are planned and evaluated for
+    # 1. analyse and classify the heads on the analysis windows: the heads are measured at the context the
+    # profiles are planned and evaluated for
     analysis_dir = os.path.join(output_dir, "analysis")
-    analysis_ids = loading.encode_windows(tokenizer, text, eval_tokens, max(1, analysis_tokens // eval_tokens),
-                                          builtin=builtin)
     result = analyze(model, analysis_ids, chunk_size=512, backend=backend, model_name=name, progress=False)
     write_analysis(result, analysis_dir)
     classifications = classify(result.statistics)
@@ -112,7 +104,7 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
 
     # 5. figures and the results file
     results = {"format": "headkv-demo/1", "model": name, "tokens": configs[0]["tokens"], "windows": len(eval_ids),
-               "window_tokens": eval_tokens, "configs": configs,
+               "window_tokens": eval_tokens, "eval_offset": eval_offset, "configs": configs,
                "decode": {k: {"ms_per_token": v[0], "kv_bytes": v[1]} for k, v in speed.items()},
                "decode_context": decode_context, "analysis": result.model_info,
                "layer_losses": None if layer_losses is None else layer_losses.get("text", "given"),

@@ -22,6 +22,7 @@ import torch
 import transformers
 
 from headkv_engine import __version__, loading, provenance
+from headkv_engine.cli import CLI_BACKENDS, at_least
 from headkv_engine.files import write_csv_atomic, write_text_atomic
 from headkv_engine.methods import fix_size_l2, l2_compress
 from headkv_engine.patching import patch_model
@@ -100,7 +101,7 @@ def worker(args) -> dict:
         raise ValueError(f"the text has fewer than --max-tokens={args.max_tokens} tokens")
     profile = _profile(args.method, model, args)
     compress = {
-        "l2_compress": lambda cache: l2_compress(cache, keep_ratio=args.budget / args.max_tokens),
+        "l2_compress": lambda cache: l2_compress(cache, keep_ratio=min(1.0, args.budget / args.max_tokens)),
         "fix_size_l2": lambda cache: fix_size_l2(cache, max_tokens=args.budget),
     }.get(args.method)
     _generate(model, prompts[0][:16], 2)  # load kernels
@@ -198,11 +199,11 @@ def add_arguments(parser):
     parser.add_argument("--text-file")
     parser.add_argument("--classifications", help="head_classifications.json for head_aware")
     parser.add_argument("--statistics", help="head_statistics.json for from_budget")
-    parser.add_argument("--budget", type=int, default=128, help="kept tokens per head for the budgeted methods")
-    parser.add_argument("--num-samples", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=1024, help="prompt length")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--budget", type=at_least(1), default=128, help="kept tokens per head for the budgeted methods")
+    parser.add_argument("--num-samples", type=at_least(1), default=3)
+    parser.add_argument("--max-tokens", type=at_least(2), default=1024, help="prompt length")
+    parser.add_argument("--max-new-tokens", type=at_least(2), default=32)
+    parser.add_argument("--backend", default="auto", choices=CLI_BACKENDS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 

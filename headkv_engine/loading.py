@@ -69,6 +69,8 @@ def load_text(text_file: str | None = None, dataset: str | None = None) -> str:
 def encode(tokenizer, text: str, max_tokens: int, builtin: bool, offset: int = 0) -> torch.Tensor:
     """Token ids [T] (at most max_tokens) of the text from its token `offset` on; the built-in model gets its
     BOS first, as it was trained."""
+    if max_tokens < 2 or offset < 0:
+        raise ValueError(f"max_tokens must be >= 2 and offset >= 0, got {max_tokens} and {offset}")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if offset >= len(ids):
         raise ValueError(f"--offset: the text has only {len(ids)} tokens, fewer than the offset {offset}")
@@ -88,11 +90,18 @@ def prepare_output_dir(path: str, force: bool) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+def window_step(window: int, builtin: bool) -> int:
+    """Tokens of the text one window of `window` tokens consumes (the built-in model's BOS is not from the text)."""
+    return window - 1 if builtin else window
+
+
 def encode_windows(tokenizer, text: str, window: int, count: int, builtin: bool, offset: int = 0) -> list:
     """`count` consecutive windows of `window` tokens from token `offset` on (each with the BOS first for the
     built-in model); fewer if the text runs out, an error if none fits."""
+    if window < 2 or count < 1 or offset < 0:
+        raise ValueError(f"window must be >= 2, count >= 1 and offset >= 0, got {window}, {count} and {offset}")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    step = window - 1 if builtin else window
+    step = window_step(window, builtin)
     windows = []
     for i in range(count):
         part = ids[offset + i * step : offset + (i + 1) * step]

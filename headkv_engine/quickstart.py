@@ -6,6 +6,7 @@ against the full cache where the profile keeps everything, and compare decode ti
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -64,14 +65,24 @@ def seed_mix_profile(num_layers: int, num_heads: int, head_dim: int | None = Non
 
 @torch.no_grad()
 def decode_ms_per_token(model, prompt, new_tokens: int) -> tuple[float, object]:
+    """(median ms of a greedy decode step over `new_tokens` steps, the cache) after prefilling `prompt` [B, T].
+
+    One untimed step first (lazy allocations, first-call dispatch); the median, not the mean, so that one step
+    preempted on a busy machine does not decide the figure.
+    """
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     out = model(prompt, use_cache=True)
     cache = out.cache
     token = out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
+    steps = []
+    for step in range(new_tokens + 1):
+        start = time.perf_counter()
         out = model(token, cache=cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-    return 1000 * (time.perf_counter() - start) / new_tokens, cache
+        if step > 0:
+            steps.append(time.perf_counter() - start)
+    return 1000 * statistics.median(steps), cache
 
 
 def dense_cache_nbytes(cache) -> int:

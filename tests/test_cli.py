@@ -48,6 +48,33 @@ def test_analyze_validate_ablate(model_dir, text_file, tmp_path, capsys):
     before = (ablation / "ablation_results.json").read_text()
     assert main(cmd) == 0
     assert json.loads((ablation / "ablation_results.json").read_text()) == json.loads(before)
+    # ...but not over other tokens or other inputs: rows of two evaluations are never mixed
+    other_tokens = [*cmd[:cmd.index("--max-tokens") + 1], "100", *cmd[cmd.index("--max-tokens") + 2:]]
+    assert main(other_tokens) == 2
+    assert "differs in: tokens" in capsys.readouterr().err
+    stats = json.loads((out / "head_statistics.json").read_text())
+    stats["head_statistics"][0]["mean_entropy"] += 0.01
+    (tmp_path / "other_statistics.json").write_text(json.dumps(stats))
+    other_inputs = [*cmd[:cmd.index("--statistics") + 1], str(tmp_path / "other_statistics.json"),
+                    *cmd[cmd.index("--statistics") + 2:]]
+    assert main(other_inputs) == 2
+    assert "differs in: statistics" in capsys.readouterr().err
+    assert json.loads((ablation / "ablation_results.json").read_text()) == json.loads(before)
+
+
+def test_validate_refuses_classifications_of_other_heads(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--model", str(model_dir), "--text-file", str(text_file), "--max-tokens", "60",
+                 "--output-dir", str(out)]) == 0
+    path = out / "head_classifications.json"
+    data = json.loads(path.read_text())
+    entries = next(k for k, v in data.items() if isinstance(v, list))
+    dropped = data[entries].pop(3)
+    path.write_text(json.dumps(data))
+    assert main(["validate", "--results-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"layer {dropped['layer_idx']}, head {dropped['head_idx']} is analysed but not classified" in err
+    assert not (out / "validation").exists()  # refused before anything is written
 
 
 def test_analyze_windows(model_dir, text_file, tmp_path, capsys):
@@ -68,7 +95,11 @@ def test_analyze_windows(model_dir, text_file, tmp_path, capsys):
             [getattr(s, key) for s in direct.statistics], abs=1e-6)
     assert main(["analyze", "--model", str(model_dir), "--text-file", str(text_file), "--windows", "0",
                  "--output-dir", str(tmp_path / "none")]) == 2
-    assert "--windows" in capsys.readouterr().err
+    assert "argument --windows: expected an integer >= 1, got 0" in capsys.readouterr().err
+    for flag, value in (("--max-tokens", "0"), ("--max-tokens", "-5"), ("--recent-ratio", "1.5")):
+        assert main(["analyze", "--model", str(model_dir), flag, value, "--output-dir", str(tmp_path / "none")]) == 2
+        assert f"argument {flag}: expected" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_clear_errors(tmp_path, capsys):

@@ -16,6 +16,9 @@ def test_demo_writes_a_report(tmp_path, capsys):
     assert names == {"full", "head_aware", "B_streaming_16", "B_streaming_48", "from_budget_16", "from_budget_48",
                      "from_budget_measured_16", "from_budget_measured_48"}
     assert all(c["tokens"] == 2 * 99 and c["perplexity"] > 1 for c in results["configs"])
+    # 3 analysis windows of 100 tokens (BOS + 99 of the text), then the evaluation: no token is in both
+    assert (results["analysis"]["tokens"], results["analysis"]["sequences"]) == (300, 3)
+    assert results["eval_offset"] == 3 * 99
     assert next(c for c in results["configs"] if c["name"] == "from_budget_16")["effective_context"] <= 16
     assert results["decode"]["from_budget_16"]["kv_bytes"] < results["decode"]["full"]["kv_bytes"]
     report = (out / "report.md").read_text()
@@ -28,12 +31,26 @@ def test_demo_writes_a_report(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
 
 
+def test_demo_analysis_and_evaluation_never_overlap(tmp_path):
+    """--eval-tokens above --analysis-tokens: one analysis window of the evaluated length, evaluation after it."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--output-dir", str(out), "--analysis-tokens", "60", "--eval-tokens", "80",
+                 "--eval-windows", "1", "--decode-context", "32", "--new-tokens", "1", "--budgets", "16"]) == 0
+    results = json.loads((out / "demo_results.json").read_text())
+    assert (results["analysis"]["tokens"], results["eval_offset"]) == (80, 79)
+
+
 def test_demo_bad_budget(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(tmp_path / "d"), "--budgets", "4"]) == 2
     assert "--budgets" in capsys.readouterr().err
     assert main(["demo", "--output-dir", str(tmp_path / "d"), "--layer-losses", str(tmp_path / "none.json")]) == 2
     assert "--layer-losses" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()  # refused before anything is written
+    for flag, value, expected in (("--eval-tokens", "0", ">= 2"), ("--new-tokens", "0", ">= 1"),
+                                  ("--eval-windows", "-1", ">= 1"), ("--analysis-tokens", "x", ">= 2")):
+        assert main(["demo", "--output-dir", str(tmp_path / "d"), flag, value]) == 2
+        assert f"argument {flag}: expected an integer {expected}" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_bench_compares_with_the_full_cache(tmp_path, capsys):
@@ -49,6 +66,8 @@ def test_bench_compares_with_the_full_cache(tmp_path, capsys):
     assert "| streaming_llm | 24 |" in (out / "bench_results.md").read_text()
     assert main(args) == 2  # results are not overwritten without --force
     assert "--force" in capsys.readouterr().err
+    assert main([*args[:-2], "--max-new-tokens", "1", "--output-dir", str(tmp_path / "b1")]) == 2
+    assert "argument --max-new-tokens: expected an integer >= 2, got 1" in capsys.readouterr().err
 
 
 def test_builtin_head_types_match_the_model_card():

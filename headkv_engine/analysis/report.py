@@ -85,9 +85,28 @@ def type_table(statistics, classifications) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_same_heads(statistics, classifications) -> None:
+    """The classifications cover exactly the analysed heads (each once), or a ValueError names the first that
+    differs."""
+    analysed = [(s.layer_idx, s.head_idx) for s in statistics]
+    classified = [(c.layer_idx, c.head_idx) for c in classifications]
+    for head in classified:
+        if classified.count(head) > 1:
+            raise ValueError(f"classifications: layer {head[0]}, head {head[1]} is classified more than once")
+    missing = sorted(set(analysed) - set(classified))
+    extra = sorted(set(classified) - set(analysed))
+    if missing or extra:
+        what = (f"layer {missing[0][0]}, head {missing[0][1]} is analysed but not classified" if missing else
+                f"layer {extra[0][0]}, head {extra[0][1]} is classified but not analysed")
+        raise ValueError(f"classifications do not match the statistics ({len(missing)} heads missing, "
+                         f"{len(extra)} unknown): {what}")
+
+
 def write_validation(statistics, model_info, output_dir, classifications=None, thresholds=None) -> list[str]:
     """The validation figures and validation_report.txt of `classifications`; None classifies the statistics
     again (refined scheme, `thresholds`) and also writes refined_classifications.json."""
+    if classifications is not None:
+        check_same_heads(statistics, classifications)
     os.makedirs(output_dir, exist_ok=True)
     files = []
     if classifications is None:
