@@ -208,13 +208,16 @@ def from_budget(statistics, mean_tokens: float, length: int | None = None, sink_
         raise ProfileError("statistics: expected per-head statistics (head_statistics.json or hk.analyze(...))")
     if mean_tokens <= 0:
         raise ProfileError(f"mean_tokens: expected a positive budget, got {mean_tokens}")
-    sink_size = sink_size or int(info.get("sink_size", 4))
+    sink_size = int(info.get("sink_size", 4)) if sink_size is None else sink_size
     length = length or int(2 ** (len(_get(stats[0], "distance_mass_log2") or [1]) - 1))
     options = [head_options(s, sink_size, length) for s in stats]
     layers = 1 + max(int(_get(s, "layer_idx")) for s in stats)
     heads = 1 + max(int(_get(s, "head_idx")) for s in stats)
     if layer_losses is not None:
         layer_losses = load_layer_losses(layer_losses)
+        if len(layer_losses["loss_increase"]) != layers:
+            raise ProfileError(f"layer_losses: expected one row per layer of the analysed model ({layers}), got "
+                               f"{len(layer_losses['loss_increase'])} (model {layer_losses.get('model')!r})")
         if kl_weight < 0:
             raise ProfileError(f"kl_weight: expected >= 0, got {kl_weight}")
     if mean_tokens >= length:  # the full cache fits: keep it (the histograms cannot see mass below their resolution)

@@ -65,8 +65,13 @@ def test_bad_layer_losses_are_clear_errors():
     with pytest.raises(hk.ProfileError, match="layer_losses.loss_increase: expected one row of 3"):
         load_layer_losses(ragged)
     one_layer = {**constructed_losses(), "loss_increase": [[0.0, 0.0, 0.0]]}
-    with pytest.raises(hk.ProfileError, match="no row for layer 1"):
+    with pytest.raises(hk.ProfileError, match=r"one row per layer of the analysed model \(2\), got 1"):
         hk.Profile.from_budget(statistics(), mean_tokens=64, length=LENGTH, layer_losses=one_layer)
+    with pytest.raises(hk.ProfileError, match="no row for layer 1"):
+        layer_loss(one_layer, 1, 64)
+    three_layers = {**constructed_losses(), "loss_increase": [[0.0, 0.0, 0.0]] * 3}  # another model's file
+    with pytest.raises(hk.ProfileError, match=r"analysed model \(2\), got 3"):
+        hk.Profile.from_budget(statistics(), mean_tokens=64, length=LENGTH, layer_losses=three_layers)
     with pytest.raises(hk.ProfileError, match="kl_weight"):
         hk.Profile.from_budget(statistics(), mean_tokens=64, length=LENGTH, layer_losses=constructed_losses(),
                                kl_weight=-1)
