@@ -374,6 +374,29 @@ def test_decode_sink_query_must_have_the_query_shape(backend):
                                  q_sink=torch.randn(shape), backend=backend)
 
 
+@pytest.mark.parametrize("backend", VALIDATED_BACKENDS)
+def test_decode_max_length_below_a_length_is_refused(backend):
+    q = torch.randn(1, 2, 8)
+    pool = torch.randn(6, 8)
+    base, length = torch.tensor([[0, 3]]), torch.tensor([[3, 3]])
+    with pytest.raises(ValueError, match="max_length: expected an upper bound of length, got 2 < 3"):
+        ops.decode_attention(q, pool, pool, base, length, scale=1.0, backend=backend, max_length=2)
+    want = ops.decode_attention(q, pool, pool, base, length, scale=1.0, backend="torch")
+    got = ops.decode_attention(q, pool, pool, base, length, scale=1.0, backend=backend, max_length=3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name,value,message", [("q_start", -1, "q_start must be >= 0"),
+                                                ("sink_size", -1, "sink_size must be >= 0"),
+                                                ("local_window", 0, "local_window must be >= 1"),
+                                                ("min_query", -3, "min_query must be >= 0")])
+def test_head_statistics_refuses_negative_arguments(name, value, message):
+    q = torch.randn(2, 5, 8)
+    kwargs = {"scale": 1.0, name: value} if name != "q_start" else {"scale": 1.0}
+    with pytest.raises(ValueError, match=message):
+        ops.head_statistics(q, q, value if name == "q_start" else 0, backend="cpu", **kwargs)
+
+
 def test_extension_checks_its_arguments():
     module = ext()
     assert module.cpu_isa() in ("avx2", "baseline")

@@ -86,6 +86,9 @@ def decode_attention(
     kind = resolve_backend(backend, q.device)
     if kind == "torch" or (kind == "triton" and q.device.type == "cpu"):
         check_rows_in_pools(base, length, k_pool.shape[0])
+    if max_length is not None and q.device.type == "cpu" and length.numel() and int(length.max()) > max_length:
+        # (on a GPU the hint is trusted: reading the lengths is what it spares)
+        raise ValueError(f"max_length: expected an upper bound of length, got {max_length} < {int(length.max())}")
     if return_stats:
         check_index("pos_pool", pos_pool, (k_pool.shape[0],), q.device)
         check_index("query_position", query_position, (batch,), q.device)

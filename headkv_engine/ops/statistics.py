@@ -114,6 +114,10 @@ def head_statistics(q, k, q_start=0, *, scale, sink_size=4, local_window=8, rece
     heads, tokens_q, head_dim = q.shape
     if k.shape[0] != heads or k.shape[2] != head_dim:
         raise ValueError(f"k must be [{heads}, Tk, {head_dim}] like q, got {tuple(k.shape)}")
+    for name, value, least in (("q_start", q_start, 0), ("sink_size", sink_size, 0), ("local_window", local_window, 1),
+                               ("min_query", min_query, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
     if k.shape[1] != q_start + tokens_q:
         raise ValueError(f"k must hold the {q_start + tokens_q} keys up to the last query, got {k.shape[1]}")
     if not 0 <= recent_ratio <= 1:
