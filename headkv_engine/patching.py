@@ -1,8 +1,8 @@
 """patch_model / unpatch_model: run a Hugging Face model under a profile, and undo it exactly.
 
 Patching sets instance attributes only (the module classes are untouched, nothing happens at import time);
-unpatching puts back what the instances held before (a wrapper's instance-level `forward`, as accelerate's hooks
-install, or nothing, so the class methods run again).
+unpatching puts back what the instances held before (a wrapper's instance-level `forward`, or nothing, so the
+class methods run again). Accelerate's hooks (device_map, offloading) stay in place around the patched forwards.
 """
 
 from __future__ import annotations
@@ -34,13 +34,12 @@ class PatchHandle:
         family = self._family
         base = family.base_model(self.model)
         attentions = family.attention_modules(self.model)
-        # instance-level forwards set before patching (hooks, user wrappers), restored by unpatch()
-        self._saved_forwards = [(module, vars(module).get("forward", _ABSENT)) for module in [base, *attentions]]
+        # what each module's forward attribute held before (restored by unpatch())
+        self._saved = [_install(base, types.MethodType(family.model_forward, base))]
         base._headkv_patch = self
-        base.forward = types.MethodType(family.model_forward, base)
         for attention in attentions:
             attention._headkv_rotary = base.rotary_emb
-            attention.forward = types.MethodType(family.attention_forward, attention)
+            self._saved.append(_install(attention, types.MethodType(family.attention_forward, attention)))
         self.model._headkv_patch = self
         self.active = True
 
@@ -48,17 +47,17 @@ class PatchHandle:
         if not self.active:
             return
         base = self._family.base_model(self.model)
-        for module, forward in self._saved_forwards:
-            if forward is _ABSENT:
-                del module.forward
+        for module, name, previous in self._saved:
+            if previous is _ABSENT:
+                delattr(module, name)
             else:
-                module.forward = forward
+                setattr(module, name, previous)
             if module is not base:
                 del module._headkv_rotary
         del base._headkv_patch
         if self.model is not base:
             del self.model._headkv_patch
-        self._saved_forwards = []
+        self._saved = []
         self.active = False
 
     def __enter__(self):
@@ -116,6 +115,19 @@ def unpatch_model(model) -> None:
     if handle is None:
         raise ValueError("model is not patched by headkv_engine")
     handle.unpatch()
+
+
+def _install(module, forward):
+    """Make `forward` what runs when `module` is called; returns (module, attribute, previous value).
+
+    A module with accelerate's hooks (device_map, offloading) keeps them: its hook calls `_old_forward`, which
+    is replaced instead of `forward`. Otherwise the instance's `forward` is set (a wrapper set there before is
+    restored by unpatch)."""
+    name = "_old_forward" if getattr(module, "_hf_hook", None) is not None and "_old_forward" in vars(module) else \
+        "forward"
+    previous = vars(module).get(name, _ABSENT)
+    setattr(module, name, forward)
+    return module, name, previous
 
 
 def _handle_of(model):

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
-import tempfile
+import reprlib
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+
+from headkv_engine.files import atomic_path
 
 FORMAT = "headkv-profile/1"
 STRATEGIES = ("full", "sink_window", "window_only", "prune")
@@ -65,7 +68,7 @@ class HeadPolicy:
             strategy=strategy,
             sink_size=sink_size if strategy == "sink_window" else 0,
             window_size={"full": None, "prune": 0}.get(strategy, window_size),
-            fill=None if fill is None else tuple(float(x) for x in fill),
+            fill=None if fill is None else _check_fill_values(fill, where),
         )
 
     @staticmethod
@@ -99,6 +102,32 @@ class HeadPolicy:
         return out
 
 
+def _check_fill_values(fill, where: str) -> tuple[float, ...]:
+    """`fill` as a tuple of floats; it must be a non-empty list (or tuple) of finite real numbers."""
+    expected = "expected null or a non-empty list of finite numbers (one per head_dim)"
+    if not isinstance(fill, (list, tuple)):
+        raise ProfileError(f"fill{where}: {expected}, got {type(fill).__name__} {reprlib.repr(fill)}")
+    if not fill:
+        raise ProfileError(f"fill{where}: {expected}, got an empty list")
+    values = []
+    for i, x in enumerate(fill):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+            raise ProfileError(f"fill{where}: {expected}, got {type(x).__name__} {reprlib.repr(x)} at index {i}")
+        try:
+            value = float(x)
+        except OverflowError:  # an integer too large for a float
+            value = math.inf
+        if not math.isfinite(value):
+            raise ProfileError(f"fill{where}: {expected}, got {reprlib.repr(x)} at index {i}")
+        values.append(value)
+    return tuple(values)
+
+
+def _is_int(value) -> bool:
+    """An int that is not a bool (`isinstance(True, int)` holds in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _policy_from_json(entry: dict, where: str) -> HeadPolicy:
     if not isinstance(entry, dict):
         raise ProfileError(f"{where}: expected an object, got {type(entry).__name__}")
@@ -124,9 +153,9 @@ class Profile:
     def __post_init__(self):
         for name in ("num_layers", "num_heads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ProfileError(f"model.{name}: expected a positive integer, got {value!r}")
-        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
+        if self.head_dim is not None and (not _is_int(self.head_dim) or self.head_dim <= 0):
             raise ProfileError(f"model.head_dim: expected a positive integer or null, got {self.head_dim!r}")
         for (layer, head), policy in self.heads.items():
             self._check_head(layer, head)
@@ -134,9 +163,9 @@ class Profile:
         self._check_fill(self.default, "default")
 
     def _check_head(self, layer, head):
-        if not (isinstance(layer, int) and 0 <= layer < self.num_layers):
+        if not (_is_int(layer) and 0 <= layer < self.num_layers):
             raise ProfileError(f"layer (head {head}): expected 0 <= layer < {self.num_layers}, got {layer!r}")
-        if not (isinstance(head, int) and 0 <= head < self.num_heads):
+        if not (_is_int(head) and 0 <= head < self.num_heads):
             raise ProfileError(f"head (layer {layer}): expected 0 <= head < {self.num_heads}, got {head!r}")
 
     def _check_fill(self, policy: HeadPolicy, where: str):
@@ -190,8 +219,10 @@ class Profile:
             raise ProfileError("classifications: expected a non-empty list of per-head objects")
         for i, c in enumerate(entries):
             for key in ("layer_idx", "head_idx"):
-                if not isinstance(c.get(key), int):
-                    raise ProfileError(f"classifications[{i}].{key}: expected an integer, got {c.get(key)!r}")
+                if not _is_int(c.get(key)) or c.get(key) < 0:
+                    raise ProfileError(
+                        f"classifications[{i}].{key}: expected an integer >= 0, got {c.get(key)!r}"
+                    )
         num_layers = num_layers or 1 + max(c["layer_idx"] for c in entries)
         num_heads = num_heads or 1 + max(c["head_idx"] for c in entries)
         heads = {}
@@ -356,8 +387,9 @@ class Profile:
         for i, entry in enumerate(entries):
             layer, head = (entry.get(k) if isinstance(entry, dict) else None for k in ("layer", "head"))
             where = f"heads[{i}]: layer {layer}, head {head}"
-            if not isinstance(layer, int) or not isinstance(head, int):
-                raise ProfileError(f"layer/head ({where}): expected integers")
+            for name, value in (("layer", layer), ("head", head)):
+                if not _is_int(value):
+                    raise ProfileError(f"{name} ({where}): expected an integer, got {type(value).__name__} {value!r}")
             profile._check_head(layer, head)
             if (layer, head) in profile.heads:
                 raise ProfileError(f"head ({where}): duplicate head")
@@ -412,23 +444,23 @@ def _read_json(path):
 
 
 def write_json_atomic(path, data) -> None:
-    """Write JSON to `path` via a temp file in the same directory and an atomic rename."""
+    """Write JSON to `path` via a temp file in the same directory and an atomic rename.
+
+    Non-finite floats (a NaN statistic, an infinite perplexity) are written as null, so the file is always
+    strict JSON (allow_nan=False refuses anything else that would not be)."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, allow_nan=False, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path, ".json") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_finite_or_null(data), f, indent=2, allow_nan=False)
+        f.write("\n")
 
 
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+def _finite_or_null(value):
+    """`value` with every non-finite float, at any depth of dicts, lists and tuples, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value

@@ -322,6 +322,42 @@ def test_unpatch_restores_instance_forwards(model, ids):
         del attention.forward
 
 
+def test_accelerate_style_hooks_keep_running_while_patched(model, ids):
+    """accelerate (device_map, offloading) wraps `forward` in a hook that calls `module._old_forward`; patching
+    replaces `_old_forward`, so the hooks still move inputs while the profile runs, and unpatching restores both."""
+    import functools  # noqa: PLC0415
+
+    seen = []
+
+    class Hook:  # what accelerate.hooks.add_hook_to_module installs, reduced to its calling convention
+        def pre_forward(self, module, *args, **kwargs):
+            seen.append(type(module).__name__)
+            return args, kwargs
+
+    def hooked_forward(module, *args, **kwargs):
+        args, kwargs = module._hf_hook.pre_forward(module, *args, **kwargs)
+        return module._old_forward(*args, **kwargs)
+
+    profile = mixed_profile()
+    want = reference_logits(model, profile, ids)  # (the reference sets and deletes instance forwards itself)
+    modules = [model.gpt_neox, model.gpt_neox.layers[1].attention]
+    for module in modules:
+        module._hf_hook, module._old_forward = Hook(), module.forward
+        module.forward = functools.partial(hooked_forward, module)
+    try:
+        before = model(ids).logits
+        seen.clear()
+        with hk.patch_model(model, profile, backend="torch"):
+            patched = model(ids).logits
+        assert seen == ["GPTNeoXModel", "GPTNeoXAttention"]
+        torch.testing.assert_close(patched, want, atol=1e-3, rtol=0)
+        assert all(isinstance(m.forward, functools.partial) for m in modules)
+        assert torch.equal(model(ids).logits, before)
+    finally:
+        for module in modules:
+            del module.forward, module._old_forward, module._hf_hook
+
+
 def test_return_dict_false_gives_the_unpatched_tuple_layout(model, ids):
     want = model.gpt_neox(ids, return_dict=False, use_cache=False)
     with hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend="torch"):

@@ -33,7 +33,7 @@ def test_round_trip(tmp_path):
     assert loaded.policy(1, 2) == HeadPolicy("window_only", 0, 16)
     assert loaded.policy(1, 0).strategy == "prune"
     assert loaded.policy(0, 0) == HeadPolicy("full")
-    assert not list(tmp_path.glob(".tmp-*"))  # the atomic write left nothing behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.json"]  # the atomic write left nothing behind
 
 
 def test_uniform_and_named_constructors():
@@ -133,3 +133,109 @@ def test_from_classifications(tmp_path):
     bad["classifications"][0]["recommended_window"] = -1
     with pytest.raises(hk.ProfileError, match="window_size .*layer 0, head 0"):
         hk.Profile.from_classifications(bad)
+
+
+FILL_WHERE = "heads[0]: layer 0, head 0"
+
+
+@pytest.mark.parametrize(
+    "fill, got",
+    [
+        (1.0, "got float 1.0"),
+        ("0.5", "got str '0.5'"),
+        ({"a": 1.0}, "got dict"),
+        (["a", "b", "c", "d"], "got str 'a' at index 0"),
+        ([0.0, float("nan"), 0.0, 0.0], "got nan at index 1"),
+        ([0.0, 0.0, float("inf"), 0.0], "got inf at index 2"),
+        ([0.0, 0.0, 0.0, float("-inf")], "got -inf at index 3"),
+        ([0.0, 10**400, 0.0, 0.0], "at index 1"),
+        ([True, 0.0, 0.0, 0.0], "got bool True at index 0"),
+        ([0.0, None, 0.0, 0.0], "got NoneType None at index 1"),
+        ([[0.0], 0.0, 0.0, 0.0], "got list .* at index 0"),
+        ([], "got an empty list"),
+        ([0.0, 1.0], "expected 4 floats"),  # the wrong length is still refused
+    ],
+)
+def test_bad_fill_refused_naming_field_and_head(fill, got):
+    data = profile_json(heads=[{"layer": 0, "head": 0, "strategy": "prune", "fill": fill}])
+    with pytest.raises(hk.ProfileError, match=got) as info:
+        hk.Profile.from_dict(data)
+    message = str(info.value)
+    assert message.startswith(f"fill ({FILL_WHERE}): expected")
+
+
+def test_bad_fill_in_json_text_refused():
+    """json.load accepts NaN and Infinity; a profile must not."""
+    text = json.dumps(profile_json()).replace('"fill": null', '"fill": [0.0, NaN, 0.0, 0.0]')
+    with pytest.raises(hk.ProfileError, match=r"fill \(heads\[1\]: layer 1, head 0\).*nan at index 1"):
+        hk.Profile.from_dict(json.loads(text))
+
+
+def test_bad_fill_refused_by_make():
+    with pytest.raises(hk.ProfileError, match=r"^fill \(layer 1, head 2\): expected .* got float 1.0"):
+        HeadPolicy.make("prune", fill=1.0, where="layer 1, head 2")
+    with pytest.raises(hk.ProfileError, match=r"^fill: expected .* got inf at index 0"):
+        HeadPolicy.make("prune", fill=(float("inf"),))
+
+
+def test_good_fill_kept_as_floats(tmp_path):
+    data = profile_json(heads=[{"layer": 0, "head": 0, "strategy": "prune", "fill": [0, 1, -2.5, 1e30]}])
+    profile = hk.Profile.from_dict(data)
+    assert profile.policy(0, 0).fill == (0.0, 1.0, -2.5, 1e30)
+    assert all(type(x) is float for x in profile.policy(0, 0).fill)
+    profile.save(tmp_path / "p.json")
+    assert hk.Profile.load(tmp_path / "p.json") == profile
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"layer": True, "head": 0}, r"^layer \(heads\[0\]: layer True, head 0\): expected an integer, got bool True"),
+        ({"layer": 0, "head": True}, r"^head \(heads\[0\]: layer 0, head True\): expected an integer, got bool True"),
+        ({"layer": False, "head": 1}, r"^layer \(heads\[0\]: layer False, head 1\)"),
+        ({"layer": 0, "head": 1.0}, r"^head \(heads\[0\]: layer 0, head 1.0\): expected an integer, got float"),
+        ({"head": 1}, r"^layer \(heads\[0\]: layer None, head 1\)"),
+    ],
+)
+def test_bool_or_non_integer_layer_head_refused(entry, message):
+    with pytest.raises(hk.ProfileError, match=message):
+        hk.Profile.from_dict(profile_json(heads=[{**entry, "strategy": "full"}]))
+
+
+def test_bool_indices_refused_elsewhere():
+    profile = hk.Profile.full(2, 3)
+    with pytest.raises(hk.ProfileError, match=r"^layer \(head 0\)"):
+        profile.policy(True, 0)
+    with pytest.raises(hk.ProfileError, match=r"^head \(layer 0\)"):
+        profile.policy(0, True)
+    with pytest.raises(hk.ProfileError, match=r"^head \(layer 0\)"):
+        hk.Profile(2, 3, heads={(0, True): HeadPolicy("full")})
+    for name in ("num_layers", "num_heads", "head_dim"):
+        model = {"model_type": "gpt_neox", "num_layers": 2, "num_heads": 3, "head_dim": 4, name: True}
+        with pytest.raises(hk.ProfileError, match=f"^model.{name}: expected a positive integer"):
+            hk.Profile.from_dict(profile_json(model=model))
+    entry = {"layer_idx": True, "head_idx": 0, "compression_strategy": "none"}
+    with pytest.raises(hk.ProfileError, match=r"^classifications\[0\]\.layer_idx: expected an integer"):
+        hk.Profile.from_classifications({"classifications": [entry]})
+
+
+def test_write_json_atomic_writes_non_finite_floats_as_null(tmp_path):
+    from headkv_engine.profile import write_json_atomic
+
+    path = tmp_path / "sub" / "results.json"
+    data = {"ppl": float("inf"), "rows": [{"x": float("nan"), "y": 1.5}, (float("-inf"), 2)], "n": 3, 4: "key"}
+    write_json_atomic(path, data)
+    assert json.loads(path.read_text()) == {"ppl": None, "rows": [{"x": None, "y": 1.5}, [None, 2]], "n": 3, "4": "key"}
+    assert data["ppl"] == float("inf")  # the caller's data is not modified
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
+
+
+def test_write_json_atomic_failure_keeps_old_file(tmp_path):
+    from headkv_engine.profile import write_json_atomic
+
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"ok": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"ok": 2, "bad": object()})
+    assert json.loads(path.read_text()) == {"ok": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
