@@ -136,16 +136,29 @@ class HeadKVCache(Cache):
         """A HeadKVCache holding what `profile` keeps of a dense cache, as if its tokens had been prefilled.
 
         key_values: a transformers DynamicCache or a sequence of (keys, values) per layer, [B, H, T, D] each,
-        keys rotated at their positions (as GPTNeoX stores them); attention_mask [B, T] marks left padding.
+        keys rotated at each sequence's real-token positions (as `generate()` stores them; a plain forward of a
+        left-padded batch rotates at column indices unless given position_ids from the mask);
+        attention_mask [B, T] marks left padding.
         """
         if isinstance(key_values, Cache):
             key_values = [(layer.keys, layer.values) for layer in key_values.layers]
         key_values = list(key_values)
         if len(key_values) != profile.num_layers:
             raise ValueError(f"key_values: expected {profile.num_layers} layers, got {len(key_values)}")
-        batch, heads, tokens, _ = key_values[0][0].shape
+        first = key_values[0][0]
+        if not isinstance(first, torch.Tensor) or first.dim() != 4:
+            raise ValueError("key_values: expected keys and values [batch, heads, tokens, head_dim] in every layer "
+                             f"(a filled cache), got {None if first is None else tuple(getattr(first, 'shape', ()))}")
+        batch, heads, tokens, head_dim = first.shape
         if heads != profile.num_heads:
             raise ValueError(f"key_values: expected {profile.num_heads} heads, got {heads}")
+        if profile.head_dim is not None and head_dim != profile.head_dim:
+            raise ValueError(f"key_values: expected head_dim {profile.head_dim} (the profile's), got {head_dim}")
+        for layer, (keys, values) in enumerate(key_values):
+            if keys is None or keys.shape != first.shape or values is None or values.shape != first.shape:
+                got = [None if t is None else tuple(t.shape) for t in (keys, values)]
+                raise ValueError(f"key_values: layer {layer} holds keys/values of shapes {got}, expected "
+                                 f"{tuple(first.shape)} like layer 0")
         cache = cls(profile, position_mode=position_mode, backend=backend)
         cache.begin_step(tokens, batch, attention_mask)
         for layer, (keys, values) in enumerate(key_values):

@@ -46,10 +46,14 @@ def _sequences(input_ids) -> list[torch.Tensor]:
         rows = list(input_ids)
     else:
         rows = [torch.as_tensor(row) for row in input_ids]
+    if not rows:
+        raise ValueError("input_ids: expected at least one sequence, got none")
     for i, row in enumerate(rows):
         if row.dim() != 1 or row.numel() < 2:
             raise ValueError(f"input_ids[{i}]: expected a sequence of at least 2 tokens, got shape {tuple(row.shape)}")
-    return rows
+        if row.dtype.is_floating_point or row.dtype.is_complex or row.dtype == torch.bool:
+            raise ValueError(f"input_ids[{i}]: expected integer token ids, got dtype {row.dtype}")
+    return [row.long() for row in rows]
 
 
 @torch.no_grad()
@@ -83,6 +87,9 @@ def evaluate(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise TypeError(f"model: expected a GPTNeoXForCausalLM (a model with a language-model head), got "
+                        f"{type(model).__name__}")
     config = model.config
     profile = profile or Profile.full(config.num_hidden_layers, config.num_attention_heads)
     sequences = _sequences(input_ids)

@@ -71,6 +71,10 @@ def model_forward(
         cache = HeadKVCache(handle.profile, position_mode=handle.position_mode, backend=handle.backend)
     if cache.profile is not handle.profile:
         cache.profile.check_model(self.config)
+    if cache.position_mode != handle.position_mode:
+        raise ValueError(f"the cache was built for position_mode={cache.position_mode!r} and the model is patched "
+                         f"with {handle.position_mode!r}: their keys are rotated differently")
+    cache.backend = handle.backend  # the patched model's backend computes, whoever built the cache
     new_mask = None if attention_mask is None else attention_mask[:, -tokens:]
     positions = cache.begin_step(tokens, batch, new_mask).to(inputs_embeds.device)
     if position_ids is None or handle.position_mode == "shifted":

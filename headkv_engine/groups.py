@@ -39,7 +39,7 @@ CONFIDENT_WINDOWS = {"positional": 16, "mixed": 64, "gathering": 256}
 _NAMES = [
     (re.compile(r"A_window_(\d+)$"), "window_only"),
     (re.compile(r"B_streaming_(\d+)$"), "streaming"),
-    (re.compile(r"G_conf([0-9.]+)_base(\d+)$"), "confidence"),
+    (re.compile(r"G_conf(\d+(?:\.\d+)?)_base(\d+)$"), "confidence"),
     (re.compile(r"[IJ]_pos(\d+)_mix(\d+)_g(\d+)$"), "by_type"),
     (re.compile(r"K_uniform(\d+)_aware$"), "uniform_aware"),
 ]
@@ -57,6 +57,10 @@ def load_classifications(source) -> list[dict]:
     out = []
     for i, entry in enumerate(entries):
         entry = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
+        for key in ("layer_idx", "head_idx"):
+            value = entry.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ProfileError(f"classifications[{i}].{key}: expected an integer >= 0, got {value!r}")
         head_type = entry.get("head_type")
         if head_type not in LEGACY_TYPE:
             raise ProfileError(

@@ -70,3 +70,15 @@ def test_bad_arguments(model, ids):
         hk.evaluate(model, ids, chunk_size=0)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         hk.evaluate(model, [ids[0, :1]])
+
+
+def test_bad_input_is_named():
+    model = tiny_model(2, 4, 16)
+    for bad, message in (([], "at least one sequence"), (torch.zeros(1, 0, dtype=torch.long), "at least 2 tokens"),
+                         (torch.rand(1, 5), "integer token ids")):
+        with pytest.raises(ValueError, match=message):
+            hk.evaluate(model, bad)
+    with pytest.raises(TypeError, match="GPTNeoXForCausalLM"):
+        hk.evaluate(model.gpt_neox, torch.arange(5))
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert hk.evaluate(model, ids.int()).nll == pytest.approx(hk.evaluate(model, ids).nll)  # int32 ids are fine

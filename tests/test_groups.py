@@ -63,3 +63,9 @@ def test_bad_names_and_inputs():
         hk.Profile.from_group_name("K_uniform64_aware")
     with pytest.raises(hk.ProfileError, match="confidence"):
         hk.Profile.uniform_aware({"classifications": [{"layer_idx": 0, "head_idx": 0, "head_type": "mixed"}]}, 8)
+    with pytest.raises(ValueError, match="unknown configuration name"):
+        hk.Profile.from_group_name("G_conf0.7.1_base64", [{"layer_idx": 0, "head_idx": 0, "head_type": "mixed",
+                                                            "confidence": 0.5}])
+    for entry, field in (({"head_idx": 0}, "layer_idx"), ({"layer_idx": 0, "head_idx": True}, "head_idx")):
+        with pytest.raises(hk.ProfileError, match=rf"classifications\[0\].{field}: expected an integer >= 0"):
+            hk.Profile.uniform_aware([{**entry, "head_type": "mixed", "confidence": 0.5}], 8)

@@ -64,6 +64,15 @@ def test_bad_layer_losses_are_clear_errors():
     ragged = {**constructed_losses(), "loss_increase": [[0.0, 0.0], [0.0, 0.0, 0.0]]}
     with pytest.raises(hk.ProfileError, match="layer_losses.loss_increase: expected one row of 3"):
         load_layer_losses(ragged)
+    for field, bad, message in (("windows", 5, "layer_losses.windows: expected a non-empty list"),
+                                ("windows", [4, "x", 512], "layer_losses.windows"),
+                                ("loss_increase", [["a", 0.0, 0.0]] * 2, "expected finite numbers"),
+                                ("loss_increase", [[float("nan"), 0.0, 0.0]] * 2, "expected finite numbers"),
+                                ("loss_increase", 3, "expected one row of 3 values per layer")):
+        with pytest.raises(hk.ProfileError, match=message):
+            load_layer_losses({**constructed_losses(), field: bad})
+    with pytest.raises(hk.ProfileError, match="no row for layer -1"):
+        layer_loss(constructed_losses(), -1, 64)
     one_layer = {**constructed_losses(), "loss_increase": [[0.0, 0.0, 0.0]]}
     with pytest.raises(hk.ProfileError, match=r"one row per layer of the analysed model \(2\), got 1"):
         hk.Profile.from_budget(statistics(), mean_tokens=64, length=LENGTH, layer_losses=one_layer)

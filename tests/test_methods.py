@@ -1,5 +1,6 @@
 """The seeds' API: compress a dense cache, continue with the patched model, and the L2 baselines."""
 
+import pytest
 import torch
 from reference_model import tiny_model
 
@@ -54,3 +55,49 @@ def test_l2_baselines_keep_lowest_norm_keys():
     kept = cache.layers[2].keys[0, 0]
     assert torch.equal(kept, keys[0, 0, norms.topk(3, largest=False).indices.sort().values])
     assert l2_compress(layers, keep_ratio=0.5).layers[2].keys.shape[2] == 5
+
+
+def test_shifted_compression_continues_like_the_shifted_patched_model():
+    """A cache compressed for position_mode='shifted' continues like a shifted prefill (layer 0 keeps
+    everything, so the dense prefix holds the patched prefill's keys); a mode that differs from the patch's is
+    refused."""
+    model = tiny_model(2, 4, 16)
+    ids = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(3))
+    profile = hk.Profile(2, 4, 16, heads={(1, h): hk.HeadPolicy.make("sink_window", 2, 5) for h in range(4)})
+    dense = model(ids[:, :16], use_cache=True).past_key_values
+    compressor = HeadAwareCompressor(profile, position_mode="shifted")
+    with hk.patch_model(model, profile, backend="torch", position_mode="shifted"):
+        continued = model(ids[:, 16:], cache=compressor.compress(dense)).logits
+        patched = model(ids).logits[:, 16:]
+    torch.testing.assert_close(continued, patched, atol=1e-4, rtol=0)
+    absolute = HeadAwareCompressor(profile).compress(model(ids[:, :16], use_cache=True).past_key_values)
+    with hk.patch_model(model, profile, backend="torch", position_mode="shifted"):
+        with pytest.raises(ValueError, match="built for position_mode='absolute' and the model is patched with "
+                                             "'shifted'"):
+            model(ids[:, 16:], cache=absolute)
+
+
+def test_seed_signature_of_head_aware_compress():
+    """Seed 002: head_aware_compress(past_key_values, classifications_path, compressor, ..., skip_layers)."""
+    model = tiny_model(2, 4, 16)
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(4))
+    dense = model(ids, use_cache=True).past_key_values
+    compressor = HeadAwareCompressor(hk.Profile.streaming_llm(2, 4, sink_size=2, window_size=3))
+    assert compressor.get_compression_summary()["compressible_heads"] == 8
+    cache = head_aware_compress(dense, compressor=compressor, skip_layers=[0])
+    assert torch.equal(cache.kept_tokens(0), torch.full((1, 4), 30))  # skipped: full
+    assert torch.equal(cache.kept_tokens(1), torch.full((1, 4), 5))
+    assert torch.equal(head_aware_compress(dense, None, compressor).kept_tokens(0), torch.full((1, 4), 5))
+    with pytest.raises(ValueError, match=r"skip_layers: expected layers in 0..1, got 2"):
+        head_aware_compress(dense, skip_layers=[2])
+
+
+def test_from_dense_refuses_what_is_not_a_filled_cache_of_the_profile():
+    profile = hk.Profile.full(2, 4, head_dim=16)
+    keys = torch.zeros(1, 4, 3, 16)
+    with pytest.raises(ValueError, match="expected head_dim 16"):
+        hk.HeadKVCache.from_dense(profile, [(keys[..., :8], keys[..., :8])] * 2)
+    with pytest.raises(ValueError, match="layer 1 holds keys/values of shapes"):
+        hk.HeadKVCache.from_dense(profile, [(keys, keys), (keys[:, :, :2], keys[:, :, :2])])
+    with pytest.raises(ValueError, match="a filled cache"):
+        hk.HeadKVCache.from_dense(profile, [(None, None)] * 2)

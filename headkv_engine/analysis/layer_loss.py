@@ -52,17 +52,25 @@ def load_layer_losses(layer_losses) -> dict:
     if not isinstance(layer_losses, dict) or layer_losses.get("format") != LAYER_LOSSES_FORMAT:
         raise ProfileError(f"layer_losses: expected a {LAYER_LOSSES_FORMAT!r} file from `headkv calibrate`")
     windows, loss = layer_losses.get("windows"), layer_losses.get("loss_increase")
-    if not windows or not loss or any(len(row) != len(windows) for row in loss):
-        raise ProfileError(f"layer_losses.loss_increase: expected one row of {len(windows or [])} values per layer")
-    if not all(math.isfinite(v) for row in loss for v in row):
-        raise ProfileError("layer_losses.loss_increase: expected finite values")
+    if not isinstance(windows, list) or not windows or not all(_is_count(w) and w >= 1 for w in windows):
+        raise ProfileError(f"layer_losses.windows: expected a non-empty list of window sizes >= 1, got {windows!r}")
+    if not isinstance(loss, list) or not loss or any(not isinstance(row, list) or len(row) != len(windows)
+                                                     for row in loss):
+        raise ProfileError(f"layer_losses.loss_increase: expected one row of {len(windows)} values per layer")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for row in loss
+               for v in row):
+        raise ProfileError("layer_losses.loss_increase: expected finite numbers")
     return layer_losses
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def layer_loss(layer_losses: dict, layer: int, window: int) -> float:
     """The measured loss of `layer` at the measured window nearest to `window` (the smaller one on a tie)."""
     windows = layer_losses["windows"]
-    if layer >= len(layer_losses["loss_increase"]):
+    if not 0 <= layer < len(layer_losses["loss_increase"]):
         rows = len(layer_losses["loss_increase"])
         raise ProfileError(f"layer_losses: no row for layer {layer} (the file has {rows})")
     k = min(range(len(windows)), key=lambda i: abs(windows[i] - window))

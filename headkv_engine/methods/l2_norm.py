@@ -1,9 +1,12 @@
 """L2-norm KV compression baselines (Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for
 KV Cache Compression"): per head, keep the cached tokens whose keys have the smallest L2 norm.
 
-Every head keeps the same number of tokens, so the result stays a dense `DynamicCache` (kept tokens in
-their original order); the unpatched model continues from it. Positions of later tokens are the caller's:
-pass `position_ids` that continue the original sequence.
+Every head of a layer keeps the same number of tokens, so the result stays a dense `DynamicCache` (kept tokens
+in their original order) from which the unpatched model continues, one token per forward: the first
+`skip_layers` layers keep more tokens than the others, and transformers sizes a block's attention mask by layer
+0, so blocks of several tokens and `generate()` need skip_layers=0. Positions of later tokens are the caller's:
+pass `position_ids` that continue the original sequence. The batch is not masked: compress caches of unpadded
+sequences.
 """
 
 from __future__ import annotations
