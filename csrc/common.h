@@ -74,9 +74,10 @@ inline void check_pointer(const void* p, const char* name) {
 inline void check_row_ranges(const int64_t* base, const int64_t* length, int64_t count, int64_t pool_rows) {
   for (int64_t i = 0; i < count; ++i) {
     HEADKV_CHECK(length[i] >= 0, "length must be >= 0, got ", length[i], " at flat index ", i);
-    HEADKV_CHECK(length[i] == 0 || (base[i] >= 0 && base[i] + length[i] <= pool_rows), "rows base .. base + length (",
-                 base[i], " .. ", base[i] + length[i], ") at flat (sequence, head) index ", i,
-                 " fall outside the pools' ", pool_rows, " rows");
+    // base <= pool_rows - length rather than base + length <= pool_rows: the sum of two huge values overflows
+    HEADKV_CHECK(length[i] == 0 || (length[i] <= pool_rows && base[i] >= 0 && base[i] <= pool_rows - length[i]),
+                 "rows base .. base + length (base ", base[i], ", length ", length[i], ") at flat (sequence, head) index ",
+                 i, " fall outside the pools' ", pool_rows, " rows");
   }
 }
 

@@ -170,6 +170,11 @@ void head_statistics(const void* q, const void* k, int64_t heads, int64_t tokens
   check_dtype(dtype, "q");
   check_positive(head_dim, "head_dim");
   check_positive(log2_bins, "log2_bins");
+  check_non_negative(q_start, "q_start");
+  check_non_negative(sink_size, "sink_size");
+  check_non_negative(min_query, "min_query");
+  check_positive(local_window, "local_window");
+  HEADKV_CHECK(recent_ratio >= 0.0 && recent_ratio <= 1.0, "recent_ratio must be in [0, 1], got ", recent_ratio);
   if (tokens_k != q_start + tokens_q) throw std::invalid_argument("k must hold every key up to the last query");
   const Args a{q, k, tokens_q, tokens_k, head_dim, (tokens_k + kKeyBlock - 1) / kKeyBlock * kKeyBlock, q_start,
                std::max<int64_t>(0, min_query - q_start), sink_size, local_window, log2_bins,

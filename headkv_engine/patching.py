@@ -35,11 +35,11 @@ class PatchHandle:
         base = family.base_model(self.model)
         attentions = family.attention_modules(self.model)
         # what each module's forward attribute held before (restored by unpatch())
-        self._saved = [_install(base, types.MethodType(family.model_forward, base))]
+        self._saved = [install_forward(base, types.MethodType(family.model_forward, base))]
         base._headkv_patch = self
         for attention in attentions:
             attention._headkv_rotary = base.rotary_emb
-            self._saved.append(_install(attention, types.MethodType(family.attention_forward, attention)))
+            self._saved.append(install_forward(attention, types.MethodType(family.attention_forward, attention)))
         self.model._headkv_patch = self
         self.active = True
 
@@ -47,11 +47,8 @@ class PatchHandle:
         if not self.active:
             return
         base = self._family.base_model(self.model)
-        for module, name, previous in self._saved:
-            if previous is _ABSENT:
-                delattr(module, name)
-            else:
-                setattr(module, name, previous)
+        for saved in self._saved:
+            module = restore_forward(saved)
             if module is not base:
                 del module._headkv_rotary
         del base._headkv_patch
@@ -117,7 +114,7 @@ def unpatch_model(model) -> None:
     handle.unpatch()
 
 
-def _install(module, forward):
+def install_forward(module, forward):
     """Make `forward` what runs when `module` is called; returns (module, attribute, previous value).
 
     A module with accelerate's hooks (device_map, offloading) keeps them: its hook calls `_old_forward`, which
@@ -128,6 +125,21 @@ def _install(module, forward):
     previous = vars(module).get(name, _ABSENT)
     setattr(module, name, forward)
     return module, name, previous
+
+
+def restore_forward(saved) -> object:
+    """Undo `install_forward` (its returned record); returns the module."""
+    module, name, previous = saved
+    if previous is _ABSENT:
+        delattr(module, name)
+    else:
+        setattr(module, name, previous)
+    return module
+
+
+def is_patched(model) -> bool:
+    """Whether `model`, or the base model inside it, runs under a profile."""
+    return _handle_of(model) is not None
 
 
 def _handle_of(model):

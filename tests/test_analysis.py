@@ -102,6 +102,28 @@ def test_analyze_list_of_sequences_bf16_and_errors():
         hk.analyze(model, rows[0], chunk_size=0, progress=False)
 
 
+def test_analyze_keeps_instance_forwards_and_refuses_patched_models():
+    """A forward set on an attention instance (a hook, a wrapper) runs again after analyze; a model whose inner
+    GPTNeoXModel is patched is refused like a patched one."""
+    model = tiny_model(2, 4, 16)
+    ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(2))
+    attention = model.gpt_neox.layers[1].attention
+    calls = []
+    original = attention.forward
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    attention.forward = wrapped
+    hk.analyze(model, ids, progress=False)
+    assert attention.forward is wrapped and "_headkv_capture" not in vars(attention)
+    del attention.forward
+    with hk.patch_model(model.gpt_neox, hk.Profile.full(2, 4), backend="torch"):
+        with pytest.raises(RuntimeError, match="unpatched model"):
+            hk.analyze(model, ids, progress=False)
+
+
 @pytest.fixture(scope="module")
 def result():
     model = tiny_model(2, 4, 16)

@@ -332,8 +332,15 @@ def test_block_positions_must_be_padding_then_consecutive(backend):
 def test_rows_outside_the_pools_are_refused(backend):
     q = torch.randn(1, 2, 8)
     pool = torch.randn(4, 8)
-    with pytest.raises(ValueError, match=r"2 \.\. 5.*outside the pools' 4 rows"):
+    with pytest.raises(ValueError, match=r"base 2, length 3\) .*outside the pools' 4 rows"):
         ops.decode_attention(q, pool, pool, torch.tensor([[0, 2]]), torch.tensor([[2, 3]]), scale=1.0,
+                             backend=backend)
+    huge = 2**63 - 4  # base + length wraps around in int64: still refused
+    with pytest.raises(ValueError, match="outside the pools' 4 rows"):
+        ops.decode_attention(q, pool, pool, torch.tensor([[0, huge]]), torch.tensor([[2, 8]]), scale=1.0,
+                             backend=backend)
+    with pytest.raises(ValueError, match="outside the pools' 4 rows"):
+        ops.decode_attention(q, pool, pool, torch.tensor([[0, 0]]), torch.tensor([[2, huge]]), scale=1.0,
                              backend=backend)
     k = torch.randn(1, 2, 5, 8)
     positions = torch.arange(5)[None]
@@ -395,6 +402,25 @@ def test_head_statistics_refuses_negative_arguments(name, value, message):
     kwargs = {"scale": 1.0, name: value} if name != "q_start" else {"scale": 1.0}
     with pytest.raises(ValueError, match=message):
         ops.head_statistics(q, q, value if name == "q_start" else 0, backend="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("field,args,message", [
+    ("q_start", dict(q_start=-1, min_query=0), "q_start must be >= 0"),
+    ("min_query", dict(min_query=-1), "min_query must be >= 0"),
+    ("sink_size", dict(sink_size=-2), "sink_size must be >= 0"),
+    ("local_window", dict(local_window=0), "local_window must be positive"),
+    ("recent_ratio", dict(recent_ratio=1.5), "recent_ratio must be in"),
+])
+def test_extension_statistics_checks_its_arguments(field, args, message):
+    """The C++ kernel checks for itself what the dispatcher checks (a direct call read below its rows)."""
+    from headkv_engine.ops import _cpu  # noqa: PLC0415
+
+    q = torch.randn(2, 5, 8)
+    call = dict(q_start=0, scale=1.0, sink_size=1, local_window=2, recent_ratio=0.1, min_query=3, bins=4)
+    call.update(args)
+    k = q if call["q_start"] >= 0 else torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match=message):
+        _cpu.head_statistics(q, k, **call)
 
 
 def test_extension_checks_its_arguments():

@@ -345,3 +345,14 @@ def test_analyze_with_triton_statistics_matches_reference():
         assert mine.relative_position_dist == pytest.approx(ref.relative_position_dist, abs=1e-5)
         assert mine.distance_mass_log2 == pytest.approx(ref.distance_mass_log2, abs=1e-5)
         assert mine.sink_mass_by_size == pytest.approx(ref.sink_mass_by_size, abs=1e-5)
+
+
+@pytest.mark.parametrize("op", ["decode", "prefill"])
+def test_autotuning_can_be_turned_off_by_the_environment(monkeypatch, op):
+    from headkv_engine.kernel_sources import triton_module
+
+    mod = triton_module(op)
+    monkeypatch.delenv("HEADKV_TRITON_AUTOTUNE", raising=False)
+    assert mod._autotune_enabled()
+    monkeypatch.setenv("HEADKV_TRITON_AUTOTUNE", "0")
+    assert not mod._autotune_enabled()

@@ -22,6 +22,7 @@ from headkv_engine import __version__
 from headkv_engine.analysis.statistics import OCTAVE_FIELDS, HeadStatistics, from_sums, save_statistics
 from headkv_engine.backends import resolve_backend
 from headkv_engine.ops.statistics import add_sums, empty_sums, head_statistics
+from headkv_engine.patching import install_forward, is_patched, restore_forward
 
 
 @dataclass
@@ -65,18 +66,19 @@ def _capturing_forward(self, hidden_states, attention_mask=None, layer_past=None
 def capture_queries_and_keys(model, callback):
     """Within the block, every attention module of `model` calls callback(layer, q [H, Tq, D], k [H, Tk, D],
     start, scale) with its post-rotary queries and all keys so far."""
-    if getattr(model, "_headkv_patch", None) is not None:
+    if is_patched(model):
         raise RuntimeError("analyze needs an unpatched model; call headkv_engine.unpatch_model(model) first")
     base = getattr(model, "gpt_neox", model)
-    attentions = [layer.attention for layer in base.layers]
-    for attention in attentions:
-        attention._headkv_capture = callback
-        attention.forward = types.MethodType(_capturing_forward, attention)
+    saved = []
     try:
+        for layer in base.layers:
+            layer.attention._headkv_capture = callback
+            # (under accelerate's hooks, if any: they keep moving the inputs; a wrapper set before is restored)
+            saved.append(install_forward(layer.attention, types.MethodType(_capturing_forward, layer.attention)))
         yield
     finally:
-        for attention in attentions:
-            del attention.forward, attention._headkv_capture
+        for record in saved:
+            del restore_forward(record)._headkv_capture
 
 
 def _sequences(input_ids) -> list[torch.Tensor]:

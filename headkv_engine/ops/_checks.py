@@ -51,12 +51,13 @@ def check_rows_in_pools(base: torch.Tensor, length: torch.Tensor, num_rows: int)
     Reads the index tensors, so the dispatchers call it where that is free (CPU tensors) or where speed does not
     matter (the torch reference); the C++ kernels check it themselves, the Triton ones on CUDA assume it.
     """
-    bad = (length < 0) | ((length > 0) & ((base < 0) | (base + length > num_rows)))
+    # (base > num_rows - length, not base + length > num_rows: the sum of two huge values wraps)
+    bad = (length < 0) | (length > num_rows) | ((length > 0) & ((base < 0) | (base > num_rows - length)))
     if bool(bad.any()):
         b, h = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
-            f"base/length: rows base .. base + length of (sequence {b}, head {h}) are {int(base[b, h])} .. "
-            f"{int(base[b, h] + length[b, h])}, outside the pools' {num_rows} rows"
+            f"base/length: rows base .. base + length of (sequence {b}, head {h}) (base {int(base[b, h])}, length "
+            f"{int(length[b, h])}) fall outside the pools' {num_rows} rows"
         )
 
 
@@ -66,8 +67,8 @@ def check_block_positions(positions: torch.Tensor) -> None:
     The kernels derive each column's position from the block's last one. One token per sequence (a decode step)
     is not read on a GPU, which would cost a synchronisation per step.
     """
-    if positions.shape[1] < 2 and positions.device.type != "cpu":
-        return
+    if positions.device.type != "cpu" and (positions.shape[1] < 2 or torch.cuda.is_current_stream_capturing()):
+        return  # (under CUDA graph capture no value can be read back: the graph replays a launch checked eagerly)
     broken = torch.zeros_like(positions, dtype=torch.bool)  # [B, T]: column t does not follow column t - 1
     broken[:, 1:] = (positions[:, :-1] >= 0) & (positions[:, 1:] != positions[:, :-1] + 1)
     broken |= positions < -1

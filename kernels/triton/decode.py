@@ -229,7 +229,7 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
     batch, heads, head_dim = q.shape
     block_d = triton.next_power_of_2(head_dim)
     if autotune is None:
-        autotune = q.device.type == "cuda" and block_n is None and num_warps is None
+        autotune = q.device.type == "cuda" and block_n is None and num_warps is None and _autotune_enabled()
     if autotune and (block_n is not None or num_warps is not None):
         raise ValueError("autotune=True picks block_n and num_warps itself: pass neither")
     # launch parameters: chosen by the tuner, or fixed here
@@ -285,8 +285,8 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
 
 
 # Tile rows and warps, autotuned on CUDA per (head size, chunk rows, variant, dtype): never per context length, so a
-# decode loop tunes once per chunk size (a power of two that changes only as the pool doubles), before any graph
-# capture. Every tile fits in the smallest chunk the launcher picks (64 rows).
+# two-pass decode loop tunes once per chunk size (a power of two that changes only as the pool doubles). Every tile
+# fits in the smallest chunk the launcher picks (64 rows).
 _DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in ((16, 1), (32, 2), (64, 2), (64, 4), (32, 4))
 ]
@@ -294,7 +294,9 @@ MIN_CHUNK = 64
 _decode_chunk_kernel_tuned = triton.autotune(
     _DECODE_CONFIGS, key=["HEAD_DIM", "CHUNK", "HAS_QSINK", "WITH_STATS"])(_decode_chunk_kernel)
 # The fused kernel leaves its counters zero after every run, so the tuner may run it repeatedly. Its key has the
-# merge width (BLOCK_C): a tile picked for few chunks may not suit a merge of many.
+# merge width (BLOCK_C): a tile picked for few chunks may not suit a merge of many. So, unlike the two-pass launch,
+# it tunes again each time the context doubles the chunk count: a caller capturing it in a CUDA graph runs it
+# eagerly at that width first (tuning cannot run under capture).
 _decode_fused_kernel_tuned = triton.autotune(
     _DECODE_CONFIGS, key=["HEAD_DIM", "CHUNK", "BLOCK_C", "HAS_QSINK", "HAS_FILL", "WITH_STATS"])(_decode_fused_kernel)
 
@@ -330,3 +332,11 @@ def _multiprocessors(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def _autotune_enabled() -> bool:
+    """HEADKV_TRITON_AUTOTUNE=0 turns the default tuning off (fixed tiles), e.g. for correctness tests on a GPU,
+    where tuning every shape's key would cost more than the tests."""
+    import os  # noqa: PLC0415
+
+    return os.environ.get("HEADKV_TRITON_AUTOTUNE", "1") != "0"
