@@ -14,6 +14,7 @@ and nothing is copied per step once a window head is full.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,8 @@ class HeadKVCache(Cache):
     positions, windows and sinks count each sequence's real tokens only (left padding is never stored).
     """
 
+    _warned_grad = False  # the torch-while-recording-gradients warning is given once per process
+
     def __init__(self, profile: Profile, position_mode: str = "absolute", backend: str = "auto"):
         super().__init__(layers=[])
         if position_mode not in ("absolute", "shifted"):
@@ -130,6 +133,7 @@ class HeadKVCache(Cache):
         self._all_real = True
         self._policies: dict = {}
         self._failed: str | None = None  # why a forward stopped half-way through this cache
+        self._same_policies_as: Profile | None = None  # a patch profile found equal to this cache's
 
     @classmethod
     def from_dense(cls, profile: Profile, key_values, attention_mask=None, position_mode="absolute", backend="auto"):
@@ -165,7 +169,7 @@ class HeadKVCache(Cache):
             store = cache._store(layer, keys)
             kept = store.kept_after(cache._seen_after)
             store.reserve(kept)
-            cache._append(store, keys, values, cache.positions_on(keys.device))
+            cache._append(store, keys, values, cache.positions_on(keys.device), cache._backend_for(keys, values))
             store.set_length(kept)
         cache.end_step()
         return cache
@@ -267,31 +271,47 @@ class HeadKVCache(Cache):
         store = self._store(layer_idx, key)
         positions = self.positions_on(key.device)
         kept = store.kept_after(self._seen_after)
+        backend = self._backend_for(query, key, value)
         if key.shape[2] == 1 and self._all_real:
             store.reserve(kept)
-            self._append(store, key, value, positions)
+            self._append(store, key, value, positions, backend)
             store.set_length(kept)
             out = ops.decode_attention(
                 query[:, :, 0], store.k_pool, store.v_pool, store.base_dev, store.length_dev, scale=scale,
                 sink_size=store.sink_size, q_sink=None if query_sink is None else query_sink[:, :, 0],
-                fill=store.fill, backend=self.backend, max_length=int(kept.max()),
+                fill=store.fill, backend=backend, max_length=int(kept.max()),
             )
             return out[:, :, None]
         out = ops.prefill_attention(
             query, key, value, positions, store.k_pool, store.v_pool, store.pos_pool, store.base_dev, store.length_dev,
-            store.sink_size, store.window_size, scale=scale, q_sink=query_sink, fill=store.fill, backend=self.backend,
+            store.sink_size, store.window_size, scale=scale, q_sink=query_sink, fill=store.fill, backend=backend,
         )
         store.reserve(kept)
-        self._append(store, key, value, positions)
+        self._append(store, key, value, positions, backend)
         store.set_length(kept)
         return out
 
-    def _append(self, store: LayerStore, key, value, positions) -> None:
+    def _backend_for(self, *tensors) -> str:
+        """The cache's backend, or the torch reference while autograd records (the compiled and Triton kernels
+        have no backward; their outputs would carry no gradient), with one warning."""
+        if self.backend == "torch" or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+            return self.backend
+        if not HeadKVCache._warned_grad:
+            HeadKVCache._warned_grad = True
+            warnings.warn(
+                f"a patched model records gradients (no torch.no_grad()): attention is computed by the torch "
+                f"reference instead of backend {self.backend!r}, which has no backward; wrap inference in "
+                "torch.no_grad() for the kernels' speed",
+                stacklevel=2,
+            )
+        return "torch"
+
+    def _append(self, store: LayerStore, key, value, positions, backend) -> None:
         if store.k_pool.shape[0] == 0:
             return
         ops.append(
             store.k_pool, store.v_pool, store.pos_pool, store.base_dev, key, value, positions,
-            store.sink_size, store.window_size, backend=self.backend,
+            store.sink_size, store.window_size, backend=backend,
         )
 
     # --- what users and transformers ask of a Cache -------------------------------------------------------

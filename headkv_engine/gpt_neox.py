@@ -53,6 +53,12 @@ def model_forward(
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     if output_attentions:
         raise NotImplementedError("a patched model does not return attention weights (output_attentions=True)")
+    if self.training and getattr(self, "gradient_checkpointing", False):
+        raise NotImplementedError("a patched model does not support gradient checkpointing (a recomputed layer would "
+                                  "store its tokens twice): call model.gradient_checkpointing_disable() or unpatch")
+    if self.training and getattr(self.config, "attention_dropout", 0.0) > 0:
+        raise NotImplementedError(f"a patched model applies no attention dropout (the config has "
+                                  f"{self.config.attention_dropout}): call model.eval() or set attention_dropout=0")
     cache = cache if cache is not None else past_key_values
     use_cache = self.config.use_cache if use_cache is None else use_cache
     output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -69,8 +75,12 @@ def model_forward(
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__}")
         cache = HeadKVCache(handle.profile, position_mode=handle.position_mode, backend=handle.backend)
-    if cache.profile is not handle.profile:
+    if cache.profile is not handle.profile and cache._same_policies_as is not handle.profile:
         cache.profile.check_model(self.config)
+        if list(cache.profile.policies()) != list(handle.profile.policies()):
+            raise ValueError("the cache was built for another profile than the model is patched with: continue it "
+                             "under the profile it was made with (patch_model(model, cache.profile))")
+        cache._same_policies_as = handle.profile  # compared once per (cache, profile)
     if cache.position_mode != handle.position_mode:
         raise ValueError(f"the cache was built for position_mode={cache.position_mode!r} and the model is patched "
                          f"with {handle.position_mode!r}: their keys are rotated differently")

@@ -28,3 +28,12 @@ def triton_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@functools.cache
+def triton_launcher(name: str, function: str):
+    """`function` of kernels/triton/<name>.py, run eagerly even inside torch.compile: the launchers compute
+    grids and tile sizes on the host, which a traced graph would not redo per call."""
+    import torch  # noqa: PLC0415
+
+    return torch.compiler.disable(getattr(triton_module(name), function))

@@ -16,19 +16,35 @@ from headkv_engine.profile import Profile, ProfileError
 POSITION_MODES = ("absolute", "shifted")
 # model_type -> module providing base_model, attention_modules, model_forward, attention_forward
 SUPPORTED = {"gpt_neox": gpt_neox}
-_ABSENT = object()
+
+
+class _Absent:
+    """Marks "the instance had no such attribute"; one object, kept by copy, deepcopy and pickle."""
+
+    def __reduce__(self):
+        return "_ABSENT"
+
+    def __repr__(self):
+        return "_ABSENT"
+
+
+_ABSENT = _Absent()
 
 
 class PatchHandle:
     """What `patch_model` did to a model; `unpatch()` (or leaving the `with` block) undoes it."""
 
-    def __init__(self, model, profile: Profile, backend: str, position_mode: str, family):
+    def __init__(self, model, profile: Profile, backend: str, position_mode: str, model_type: str):
         self.model = model
         self.profile = profile
         self.backend = backend
         self.position_mode = position_mode
-        self._family = family
+        self._model_type = model_type  # (a name, not the module: a patched model stays deep-copyable)
         self.active = False
+
+    @property
+    def _family(self):
+        return SUPPORTED[self._model_type]
 
     def _apply(self):
         family = self._family
@@ -58,6 +74,8 @@ class PatchHandle:
         self.active = False
 
     def __enter__(self):
+        if not self.active:
+            raise RuntimeError("this patch was undone: call headkv_engine.patch_model(model, profile) again")
         return self
 
     def __exit__(self, *exc):
@@ -101,7 +119,7 @@ def patch_model(model, profile: Profile, backend: str = "auto", position_mode: s
                          f"length; the model's rope_type is {rope_type!r} (use 'absolute')")
     device = next(model.parameters()).device
     resolve_backend(backend, device)  # fail now, not at the first forward, if the backend cannot run here
-    handle = PatchHandle(model, profile, backend, position_mode, SUPPORTED[model_type])
+    handle = PatchHandle(model, profile, backend, position_mode, model_type)
     handle._apply()
     return handle
 

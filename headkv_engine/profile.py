@@ -123,6 +123,12 @@ def _check_fill_values(fill, where: str) -> tuple[float, ...]:
     return tuple(values)
 
 
+def _checked_policy(policy, where: str) -> HeadPolicy:
+    if not isinstance(policy, HeadPolicy):
+        raise ProfileError(f"policy ({where}): expected a HeadPolicy, got {type(policy).__name__}")
+    return HeadPolicy.make(policy.strategy, policy.sink_size, policy.window_size, policy.fill, where=where)
+
+
 def _is_int(value) -> bool:
     """An int that is not a bool (`isinstance(True, int)` holds in Python)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -157,9 +163,16 @@ class Profile:
                 raise ProfileError(f"model.{name}: expected a positive integer, got {value!r}")
         if self.head_dim is not None and (not _is_int(self.head_dim) or self.head_dim <= 0):
             raise ProfileError(f"model.head_dim: expected a positive integer or null, got {self.head_dim!r}")
-        for (layer, head), policy in self.heads.items():
+        # every policy checked (and normalised) as HeadPolicy.make would: one built directly, like
+        # HeadPolicy("prune"), must not fail later inside a forward, nor HeadPolicy("bogus") run at all
+        self.default = _checked_policy(self.default, "default")
+        heads = {}
+        for key, policy in self.heads.items():
+            layer, head = key if isinstance(key, tuple) and len(key) == 2 else (key, None)
             self._check_head(layer, head)
-            self._check_fill(policy, f"layer {layer}, head {head}")
+            heads[key] = _checked_policy(policy, f"layer {layer}, head {head}")
+            self._check_fill(heads[key], f"layer {layer}, head {head}")
+        self.heads = heads
         self._check_fill(self.default, "default")
 
     def _check_head(self, layer, head):

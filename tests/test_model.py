@@ -376,6 +376,77 @@ def test_shifted_mode_refuses_a_length_dependent_rope():
     hk.patch_model(config_model, hk.Profile.full(LAYERS, HEADS), position_mode="absolute").unpatch()
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_training_gradients_equal_the_reference(backend, ids):
+    """Outside torch.no_grad the kernels (no backward) give way to the torch reference, with one warning, so the
+    gradients are those of the dense masked reference, not silently missing."""
+    model = tiny_model(LAYERS, HEADS, HEAD_DIM)
+    profile = mixed_profile()
+    reference_logits.__wrapped__(model, profile, ids).logsumexp(-1).mean().backward()  # (without its no_grad)
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    hk.HeadKVCache._warned_grad = False
+    with hk.patch_model(model, profile, backend=backend):
+        if backend == "cpu":
+            with pytest.warns(UserWarning, match="torch reference instead of backend 'cpu'"):
+                model(ids).logits.logsumexp(-1).mean().backward()
+        else:
+            model(ids).logits.logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compiled_patched_model_equals_eager(model, ids):
+    """torch.compile traces around the kernels (raw data pointers), which run eagerly."""
+    profile = mixed_profile()
+    with hk.patch_model(model, profile, backend="cpu"), torch.no_grad():
+        eager = model(ids).logits
+        compiled = torch.compile(model, backend="eager")
+        for _ in range(2):
+            torch.testing.assert_close(compiled(ids).logits, eager, atol=1e-5, rtol=0)
+
+
+def test_patched_model_deep_copies_into_an_independent_patched_model(ids):
+    import copy  # noqa: PLC0415
+
+    model = tiny_model(LAYERS, HEADS, HEAD_DIM)
+    before = model(ids).logits
+    with hk.patch_model(model, mixed_profile(), backend="torch"):
+        patched = model(ids).logits
+        twin = copy.deepcopy(model)
+    assert torch.equal(model(ids).logits, before)
+    torch.testing.assert_close(twin(ids).logits, patched, atol=1e-6, rtol=0)  # the copy is still patched
+    hk.unpatch_model(twin)
+    assert torch.equal(twin(ids).logits, before)
+
+
+def test_what_a_patched_model_cannot_do_is_refused(ids):
+    model = tiny_model(LAYERS, HEADS, HEAD_DIM)
+    handle = hk.patch_model(model, mixed_profile(), backend="torch")
+    model.train()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(NotImplementedError, match="gradient checkpointing"):
+        model(ids, use_cache=False)
+    model.gradient_checkpointing_disable()
+    model.config.attention_dropout = 0.1
+    with pytest.raises(NotImplementedError, match="no attention dropout"):
+        model(ids)
+    model.eval()
+    model(ids)  # evaluation applies no dropout anyway
+    model.config.attention_dropout = 0.0
+    cache = model(ids[:, :8], use_cache=True).past_key_values
+    handle.unpatch()
+    with pytest.raises(RuntimeError, match="this patch was undone"):
+        with handle:
+            pass
+    with hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend="torch"):
+        with pytest.raises(ValueError, match="built for another profile"):
+            model(ids[:, 8:], cache=cache)
+    with hk.patch_model(model, mixed_profile(), backend="torch"):  # an equal profile, another object: fine
+        model(ids[:, 8:], cache=cache)
+
+
 def test_gpt_neox_model_without_head(model, ids):
     base = model.gpt_neox
     dense = base(ids).last_hidden_state

@@ -423,6 +423,21 @@ def test_extension_statistics_checks_its_arguments(field, args, message):
         _cpu.head_statistics(q, k, **call)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_kernels_refuse_inputs_that_record_gradients(backend):
+    """No backward: an input requiring grad is refused (outside torch.no_grad), not given a detached output."""
+    q = torch.randn(1, 2, 8, requires_grad=True)
+    pool = torch.randn(4, 8)
+    base, length = torch.tensor([[0, 2]]), torch.tensor([[2, 2]])
+    with pytest.raises(ValueError, match=f"backend '{backend}' computes no gradients"):
+        ops.decode_attention(q, pool, pool, base, length, scale=1.0, backend=backend)
+    with torch.no_grad():
+        ops.decode_attention(q, pool, pool, base, length, scale=1.0, backend=backend)
+    out = ops.decode_attention(q, pool, pool, base, length, scale=1.0, backend="torch")
+    out.sum().backward()
+    assert q.grad is not None
+
+
 def test_extension_checks_its_arguments():
     module = ext()
     assert module.cpu_isa() in ("avx2", "baseline")

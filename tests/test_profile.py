@@ -239,3 +239,16 @@ def test_write_json_atomic_failure_keeps_old_file(tmp_path):
         write_json_atomic(path, {"ok": 2, "bad": object()})
     assert json.loads(path.read_text()) == {"ok": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_policies_built_directly_are_checked_and_normalised():
+    """HeadPolicy(...) bypasses HeadPolicy.make; the Profile checks each policy as make would."""
+    profile = hk.Profile(2, 2, heads={(0, 1): HeadPolicy("prune"), (1, 0): HeadPolicy("window_only", 0, 8)})
+    assert profile.policy(0, 1) == HeadPolicy("prune", 0, 0) and profile.policy(1, 0).window_size == 8
+    for policy, message in ((HeadPolicy("sink_window", 4), "window_size .layer 1, head 1.: sink_window needs"),
+                            (HeadPolicy("bogus", 0, 4), "strategy .layer 1, head 1.: expected one of"),
+                            (HeadPolicy("window_only", 0, 0), "window_size .layer 1, head 1.: must be >= 1")):
+        with pytest.raises(hk.ProfileError, match=message):
+            hk.Profile(2, 2, heads={(1, 1): policy})
+    with pytest.raises(hk.ProfileError, match="default"):
+        hk.Profile(2, 2, default=HeadPolicy("bogus"))

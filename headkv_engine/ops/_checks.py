@@ -81,6 +81,16 @@ def check_block_positions(positions: torch.Tensor) -> None:
         )
 
 
+def check_no_grad(kind: str, *tensors) -> None:
+    """The compiled and Triton kernels have no backward: refuse inputs that record gradients for them, rather than
+    return an output autograd cannot connect to its inputs (a silent zero gradient)."""
+    if kind == "torch" or not torch.is_grad_enabled():
+        return
+    if any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError(f"backend {kind!r} computes no gradients, and an input requires grad: call it under "
+                         "torch.no_grad() (inference), or use backend='torch' (training)")
+
+
 def gather_slots(pool: torch.Tensor, base: torch.Tensor, length: torch.Tensor):
     """Rows base..base+length of `pool` for every (sequence, head), padded: ([B, H, L, ...], valid [B, H, L])."""
     max_len = int(length.max()) if length.numel() else 0

@@ -27,6 +27,7 @@ def _ext():
     return ext
 
 
+@torch.compiler.disable  # raw data pointers: never traced, always run eagerly
 def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_sink=None, fill=None, stats=None):
     """stats: None, or (pos_pool [N], query_position [B], stat_sink, stat_local); then returns (out, [B, H, 3])."""
     q, k_pool, v_pool = q.contiguous(), k_pool.contiguous(), v_pool.contiguous()
@@ -50,6 +51,7 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
     return out if stats is None else (out, stats_out)
 
 
+@torch.compiler.disable  # raw data pointers: never traced, always run eagerly
 def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size, window_size, scale,
                       q_sink=None, fill=None):
     q, k, v, positions = q.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous()
@@ -68,6 +70,7 @@ def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length
     return out
 
 
+@torch.compiler.disable  # raw data pointers: never traced, always run eagerly
 def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size):
     """In place: the pools must already be contiguous (the dispatcher checks)."""
     k, v, positions = k.contiguous(), v.contiguous(), positions.contiguous()
@@ -80,6 +83,7 @@ def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_si
     )
 
 
+@torch.compiler.disable  # raw data pointers: never traced, always run eagerly
 def head_statistics(q, k, q_start, scale, sink_size, local_window, recent_ratio, min_query, bins):
     """Sums of ops.statistics for one sequence block: fp64 rows [H, fields] (layout: ops.statistics)."""
     if k.dtype != q.dtype:

@@ -15,9 +15,16 @@ from __future__ import annotations
 import torch
 
 from headkv_engine.backends import resolve_backend
-from headkv_engine.kernel_sources import triton_module
+from headkv_engine.kernel_sources import triton_launcher
 from headkv_engine.ops import _cpu
-from headkv_engine.ops._checks import FLOAT_DTYPES, check_block_positions, check_index, check_pools, check_tensor
+from headkv_engine.ops._checks import (
+    FLOAT_DTYPES,
+    check_block_positions,
+    check_index,
+    check_no_grad,
+    check_pools,
+    check_tensor,
+)
 
 
 def slot_of(positions, sink_size, window_size):
@@ -77,6 +84,7 @@ def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_si
             raise ValueError(f"{name} must be contiguous: append writes it in place")
     check_block_positions(positions)
     kind = resolve_backend(backend, k.device)
+    check_no_grad(kind, k, v, k_pool, v_pool)
     if tokens == 0:
         return
     if kind == "torch" or (kind == "triton" and k.device.type == "cpu"):
@@ -85,7 +93,7 @@ def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_si
         append_reference(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size)
         return
     if kind == "triton":
-        triton_module("append").append(
+        triton_launcher("append", "append")(
             k_pool, v_pool, pos_pool, base.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(),
             sink_size.contiguous(), window_size.contiguous(),
         )

@@ -16,12 +16,13 @@ from __future__ import annotations
 import torch
 
 from headkv_engine.backends import resolve_backend
-from headkv_engine.kernel_sources import triton_module
+from headkv_engine.kernel_sources import triton_launcher
 from headkv_engine.ops import _cpu
 from headkv_engine.ops._checks import (
     FLOAT_DTYPES,
     check_fill,
     check_index,
+    check_no_grad,
     check_pools,
     check_rows_in_pools,
     check_tensor,
@@ -84,6 +85,7 @@ def decode_attention(
         check_index("sink_size", sink_size, (heads,), q.device)
     check_fill(fill, heads, head_dim, q.device)
     kind = resolve_backend(backend, q.device)
+    check_no_grad(kind, q, k_pool, v_pool, q_sink)
     if kind == "torch" or (kind == "triton" and q.device.type == "cpu"):
         check_rows_in_pools(base, length, k_pool.shape[0])
     if max_length is not None and q.device.type == "cpu" and length.numel() and int(length.max()) > max_length:
@@ -105,7 +107,7 @@ def decode_attention(
         )
     if kind == "triton":
         stats = (pos_pool.contiguous(), query_position.contiguous(), stat_sink, stat_local) if return_stats else None
-        return triton_module("decode").decode_attention(
+        return triton_launcher("decode", "decode_attention")(
             q.contiguous(), k_pool.contiguous(), v_pool.contiguous(), base.contiguous(), length.contiguous(), scale,
             sink_size=None if sink_size is None else sink_size.contiguous(),
             q_sink=None if q_sink is None else q_sink.contiguous(),

@@ -16,13 +16,14 @@ from __future__ import annotations
 import torch
 
 from headkv_engine.backends import resolve_backend
-from headkv_engine.kernel_sources import triton_module
+from headkv_engine.kernel_sources import triton_launcher
 from headkv_engine.ops import _cpu
 from headkv_engine.ops._checks import (
     FLOAT_DTYPES,
     check_block_positions,
     check_fill,
     check_index,
+    check_no_grad,
     check_pools,
     check_rows_in_pools,
     check_tensor,
@@ -100,6 +101,7 @@ def prefill_attention(
     check_fill(fill, heads, head_dim, q.device)
     check_block_positions(positions)
     kind = resolve_backend(backend, q.device)
+    check_no_grad(kind, q, k, v, k_pool, v_pool, q_sink)
     if kind == "torch" or (kind == "triton" and q.device.type == "cpu"):
         check_rows_in_pools(base, length, k_pool.shape[0])
     if tokens == 0:
@@ -110,7 +112,7 @@ def prefill_attention(
             scale=scale, q_sink=q_sink, fill=fill,
         )
     if kind == "triton":
-        return triton_module("prefill").prefill_attention(
+        return triton_launcher("prefill", "prefill_attention")(
             q.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(), k_pool.contiguous(),
             v_pool.contiguous(), pos_pool.contiguous(), base.contiguous(), length.contiguous(),
             sink_size.contiguous(), window_size.contiguous(), scale,

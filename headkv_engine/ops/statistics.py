@@ -21,8 +21,8 @@ import math
 import torch
 
 from headkv_engine.backends import resolve_backend
-from headkv_engine.kernel_sources import triton_module
-from headkv_engine.ops._checks import FLOAT_DTYPES, check_tensor
+from headkv_engine.kernel_sources import triton_launcher
+from headkv_engine.ops._checks import FLOAT_DTYPES, check_no_grad, check_tensor
 
 RELATIVE_BINS = 64
 SINK_SIZES = (1, 2, 4, 8, 16)
@@ -124,6 +124,7 @@ def head_statistics(q, k, q_start=0, *, scale, sink_size=4, local_window=8, rece
         raise ValueError(f"recent_ratio must be in [0, 1], got {recent_ratio}")
     min_query = sink_size + local_window if min_query is None else min_query
     kind = resolve_backend(backend, q.device)
+    check_no_grad(kind, q, k)
     if kind == "torch":
         return head_statistics_reference(q, k, q_start, scale=scale, sink_size=sink_size, local_window=local_window,
                                          recent_ratio=recent_ratio, min_query=min_query)
@@ -133,7 +134,7 @@ def head_statistics(q, k, q_start=0, *, scale, sink_size=4, local_window=8, rece
 
         buffer = _cpu.head_statistics(q, k, q_start, scale, sink_size, local_window, recent_ratio, min_query, bins)
     elif kind == "triton":
-        buffer = triton_module("statistics").head_statistics(
+        buffer = triton_launcher("statistics", "head_statistics")(
             q.contiguous(), k.contiguous(), _recent_start(q_start, tokens_q, recent_ratio, q.device), q_start,
             float(scale), sink_size, local_window, min_query, bins,
         )
