@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from headkv_engine import provenance
+
 
 def model_and_ids(tokens: int):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: PLC0415
@@ -101,12 +103,8 @@ def machine() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
-    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    commit += " + uncommitted changes" if dirty.stdout.strip() else ""
     return (f"{datetime.date.today()}; {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; "
-            f"{torch.get_num_threads()} threads; commit {commit}")
+            f"{torch.get_num_threads()} threads; commit {provenance.commit()}")
 
 
 def main():

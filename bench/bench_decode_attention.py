@@ -20,13 +20,12 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import time
 
 import pytest
 import torch
 
-from headkv_engine import ops
+from headkv_engine import ops, provenance
 from headkv_engine.backends import load_cpu_extension
 from headkv_engine.quickstart import seed_mix_profile
 
@@ -99,16 +98,6 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
-def commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    run = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, cwd=here).stdout.strip()  # noqa: E731
-    head = run("rev-parse", "--short", "HEAD")
-    if not head:
-        return "uncommitted"
-    dirty = run("status", "--porcelain", "--", "../csrc", "../headkv_engine/ops", "../CMakeLists.txt")
-    return head + (" + uncommitted changes" if dirty else "")
-
-
 def main():
     ext, reason = load_cpu_extension()
     if ext is None:
@@ -116,7 +105,7 @@ def main():
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     flush = torch.zeros(FLUSH_BYTES // 4)
     print(f"Machine: {machine()}; torch {torch.__version__}; kernels: {ext.cpu_isa()} build; "
-          f"{datetime.date.today()}; commit {commit()}; load average before the run {load:.2f}.")
+          f"{datetime.date.today()}; commit {provenance.commit()}; load average before the run {load:.2f}.")
     print("Copy BW: bytes read per second by a 256 MiB Tensor.copy_, measured just before each row's timings.\n")
     print("| dtype | context | cpu hot ms | cpu cold ms | torch ms | SDPA dense ms | SDPA / cpu hot | SDPA / cpu cold "
           "| kept K/V MB | copy BW GB/s | read at copy BW ms | cpu hot / read | cpu cold / read |")

@@ -36,15 +36,16 @@ def run(argv: list[str]) -> None:
         raise SystemExit(f"headkv {argv[0]} failed")
 
 
-def regenerate(out: str) -> None:
+def regenerate(out: str, force: bool) -> None:
     analysis = os.path.join(out, "analysis")
+    again = ["--force"] if force else []  # existing results are replaced only when asked
     run(["analyze", "--max-tokens", str(WINDOW_TOKENS), "--windows", str(ANALYSIS_WINDOWS), "--output-dir", analysis,
-         "--force"])
-    run(["validate", "--results-dir", analysis, "--force"])
+         *again])
+    run(["validate", "--results-dir", analysis, *again])
     run(["ablate", "--ablation", "all", "--classifications", os.path.join(analysis, "head_classifications.json"),
          "--statistics", os.path.join(analysis, "head_statistics.json"), "--max-tokens", str(WINDOW_TOKENS),
          "--windows", str(WINDOWS), "--offset", str(EVAL_OFFSET), "--budgets", *map(str, BUDGETS),
-         "--layer-losses", LAYER_LOSSES, "--output-dir", out, "--force"])
+         "--layer-losses", LAYER_LOSSES, "--output-dir", out, *again])
 
 
 def headline_table(results: dict) -> str:
@@ -74,9 +75,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true", help="only print the table from the existing results")
     parser.add_argument("--output-dir", default=OUT)
+    parser.add_argument("--force", action="store_true", help="replace the results already in --output-dir")
     args = parser.parse_args()
     if not args.table:
-        regenerate(args.output_dir)
+        regenerate(args.output_dir, args.force)
     with open(os.path.join(args.output_dir, "ablation_results.json"), encoding="utf-8") as f:
         print(headline_table(json.load(f)))
 

@@ -35,18 +35,19 @@ def percent(row, key):
 
 def decode_table(rows) -> list[str]:
     lines = [
-        "| batch | context | kept KV MB | ours ms | fused ms | SDPA dense ms | speedup | share of copy BW"
-        " | per layer: ours ms | fused ms | SDPA ms | share of copy BW (ours / fused) | with stats ms (ours / fused)"
-        " | flash-attn ms | FlashInfer ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | context | kept KV MB | ours ms | ours eager ms | fused ms | SDPA dense ms | speedup | decode GB/s"
+        " | share of copy BW | per layer: ours ms | fused ms | SDPA ms | share of copy BW (ours / fused)"
+        " | with stats ms (ours / fused) | flash-attn ms | FlashInfer ms |",
+        "|---" * 17 + "|",
     ]
     for r in rows:
         kept = number(r, "kept_kv_bytes")
         lines.append(
             f"| {r['batch']} | {r['context']} | {cell(kept and kept / 2**20, '.1f')}"
-            f" | {cell(number(r, 'ours_ms'), '.4f')}"
+            f" | {cell(number(r, 'ours_ms'), '.4f')} | {cell(number(r, 'ours_eager_ms'), '.4f')}"
             f" | {cell(number(r, 'ours_fused_ms'), '.4f')} | {cell(number(r, 'sdpa_dense_ms'), '.4f')}"
-            f" | {cell(number(r, 'speedup_vs_sdpa'), '.2f')}x | {percent(r, 'bw_ratio')}"
+            f" | {cell(number(r, 'speedup_vs_sdpa'), '.2f')}x | {cell(number(r, 'decode_bw_GBps'), '.0f')}"
+            f" | {percent(r, 'bw_ratio')}"
             f" | {cell(number(r, 'ours_layer_ms'), '.4f')} | {cell(number(r, 'ours_fused_layer_ms'), '.4f')}"
             f" | {cell(number(r, 'sdpa_dense_layer_ms'), '.4f')}"
             f" | {percent(r, 'bw_ratio_layer')} / {percent(r, 'bw_ratio_fused_layer')}"

@@ -97,7 +97,8 @@ def training_texts(corpus: str, tokenizer) -> tuple[list, list]:
     return tuple(loading.encode_windows(tokenizer, t, WINDOW_TOKENS, TRAINING_WINDOWS, builtin=True) for t in texts)
 
 
-def training_text_protocol(model, tokenizer, corpus, statistics_file, held_out, output) -> None:
+def training_text_protocol(model, tokenizer, corpus, statistics_file, held_out, output,
+                           write_calibration=False) -> None:
     """Per-layer losses and the KL weight from training text; the evaluation windows only evaluate."""
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     calibration, selection = training_texts(corpus, tokenizer)
@@ -123,11 +124,13 @@ def training_text_protocol(model, tokenizer, corpus, statistics_file, held_out, 
     chosen = min(SELECTION_KL_WEIGHTS,
                  key=lambda w: sum(map(math.log, selection_rows[f"measured loss per layer + {w:g} x KL"])))
     evaluated = rows(held_out, (chosen,))
-    # the losses on their own: the built-in model's shipped calibration (`headkv demo`, `headkv ablate --layer-losses`)
-    write_json_atomic(zoo.LAYER_LOSSES,
-                      {**layer_losses, "model": loading.BUILTIN, "kl_weight": chosen,
-                       "text": f"{TRAINING_WINDOWS} windows of {TRAINING_DOCUMENTS} random training documents "
-                               f"(seed 0) of {os.path.basename(corpus)}"})
+    # the losses on their own: the built-in model's shipped calibration (`headkv demo`, `headkv ablate --layer-losses`),
+    # replaced only when asked (--write-calibration)
+    if write_calibration:
+        write_json_atomic(zoo.LAYER_LOSSES,
+                          {**layer_losses, "model": loading.BUILTIN, "kl_weight": chosen,
+                           "text": f"{TRAINING_WINDOWS} windows of {TRAINING_DOCUMENTS} random training documents "
+                                   f"(seed 0) of {os.path.basename(corpus)}"})
     write_json_atomic(output, {"model": loading.BUILTIN, "budgets": budgets, "corpus": os.path.basename(corpus),
                                "chosen_kl_weight": chosen, "selection_perplexity": selection_rows,
                                "evaluation_perplexity": evaluated,
@@ -144,8 +147,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", help="results JSON (default: under bench/results/builtin)")
     parser.add_argument("--training-corpus", help="train.jsonl of train_builtin.py corpus: calibrate on training text")
+    parser.add_argument("--write-calibration", action="store_true",
+                        help="with --training-corpus: also replace the shipped headkv_engine/zoo/builtin/"
+                             "layer_losses.json (needs --force, since it exists)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing results file")
     args = parser.parse_args()
+    if args.write_calibration and not args.training_corpus:
+        raise SystemExit("--write-calibration: the calibration comes from --training-corpus; pass it")
+    if args.write_calibration and os.path.exists(zoo.LAYER_LOSSES) and not args.force:
+        raise SystemExit(f"{zoo.LAYER_LOSSES} exists; pass --force with --write-calibration to replace it")
     name = "layer_priced_budget_training.json" if args.training_corpus else "loss_priced_budget.json"
     output = args.output or os.path.join(OUT, name)
     if os.path.exists(output) and not args.force:
@@ -159,7 +169,8 @@ def main() -> None:
     calibration = loading.encode_windows(tokenizer, text, WINDOW_TOKENS, CALIBRATION_WINDOWS, builtin=True)
     held_out = loading.encode_windows(tokenizer, text, WINDOW_TOKENS, EVAL_WINDOWS, builtin=True, offset=EVAL_OFFSET)
     if args.training_corpus:
-        training_text_protocol(model, tokenizer, args.training_corpus, statistics_file, held_out, output)
+        training_text_protocol(model, tokenizer, args.training_corpus, statistics_file, held_out, output,
+                               write_calibration=args.write_calibration)
         return
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     losses = measure_head_losses(model, calibration)

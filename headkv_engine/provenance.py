@@ -10,16 +10,22 @@ import torch
 
 
 def commit() -> str:
-    """The short commit of this checkout; $HEADKV_COMMIT where the tree has no .git (a copy sent to another
-    machine); "unknown" for an installed package."""
+    """The short commit of this checkout, with " + uncommitted changes" when tracked files differ from it;
+    $HEADKV_COMMIT where the tree has no .git (a copy sent to another machine); "unknown" for an installed
+    package."""
     if os.environ.get("HEADKV_COMMIT"):
         return os.environ["HEADKV_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args) -> str:
+        return subprocess.run(["git", "-C", here, *args], capture_output=True, text=True).stdout.strip()
+
     try:
-        run = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = head and git("status", "--porcelain", "--untracked-files=no")
     except OSError:
         return "unknown"
-    return run.stdout.strip() or "unknown"
+    return (head + (" + uncommitted changes" if dirty else "")) if head else "unknown"
 
 
 def processor(device="cpu") -> str:
