@@ -299,9 +299,9 @@ class HeadKVCache(Cache):
         if not HeadKVCache._warned_grad:
             HeadKVCache._warned_grad = True
             warnings.warn(
-                f"a patched model records gradients (no torch.no_grad()): attention is computed by the torch "
-                f"reference instead of backend {self.backend!r}, which has no backward; wrap inference in "
-                "torch.no_grad() for the kernels' speed",
+                f"HeadKVCache: autograd records gradients (no torch.no_grad()), so attention and appends are "
+                f"computed by the torch reference instead of backend {self.backend!r}, which has no backward; wrap "
+                "inference in torch.no_grad() for the kernels' speed",
                 stacklevel=2,
             )
         return "torch"

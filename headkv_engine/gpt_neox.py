@@ -55,7 +55,7 @@ def model_forward(
         raise NotImplementedError("a patched model does not return attention weights (output_attentions=True)")
     if self.training and getattr(self, "gradient_checkpointing", False):
         raise NotImplementedError("a patched model does not support gradient checkpointing (a recomputed layer would "
-                                  "store its tokens twice): call model.gradient_checkpointing_disable() or unpatch")
+                                  "store its tokens twice): call model.activation_checkpointing_disable() or unpatch")
     if self.training and getattr(self.config, "attention_dropout", 0.0) > 0:
         raise NotImplementedError(f"a patched model applies no attention dropout (the config has "
                                   f"{self.config.attention_dropout}): call model.eval() or set attention_dropout=0")

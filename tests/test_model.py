@@ -425,10 +425,10 @@ def test_what_a_patched_model_cannot_do_is_refused(ids):
     model = tiny_model(LAYERS, HEADS, HEAD_DIM)
     handle = hk.patch_model(model, mixed_profile(), backend="torch")
     model.train()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     with pytest.raises(NotImplementedError, match="gradient checkpointing"):
         model(ids, use_cache=False)
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     model.config.attention_dropout = 0.1
     with pytest.raises(NotImplementedError, match="no attention dropout"):
         model(ids)
