@@ -8,12 +8,16 @@ and rotary embedding, then the ragged ops instead of `ALL_ATTENTION_FUNCTIONS`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb, rotate_half
 
 from headkv_engine.cache import HeadKVCache
+
+_REPLACED_WARNED: set = set()  # Cache types already warned about being replaced
 
 
 def base_model(model):
@@ -74,6 +78,11 @@ def model_forward(
             )
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__}")
+        if cache is not None and type(cache) is not DynamicCache and type(cache) not in _REPLACED_WARNED:
+            # (an empty DynamicCache is what generate() passes by default: replaced without a word)
+            _REPLACED_WARNED.add(type(cache))
+            warnings.warn(f"a patched model keeps its own HeadKVCache: the {type(cache).__name__} passed (e.g. "
+                          "cache_implementation='static') is not used", stacklevel=2)
         cache = HeadKVCache(handle.profile, position_mode=handle.position_mode, backend=handle.backend)
     if cache.profile is not handle.profile and cache._same_policies_as is not handle.profile:
         cache.profile.check_model(self.config)

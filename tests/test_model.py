@@ -512,6 +512,19 @@ def test_profile_mismatch_refused(model):
         hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend="cuda")
 
 
+def test_an_empty_cache_of_another_kind_is_replaced_with_a_warning(model, ids):
+    from transformers import StaticCache  # noqa: PLC0415
+
+    from headkv_engine import gpt_neox  # noqa: PLC0415
+
+    gpt_neox._REPLACED_WARNED.discard(StaticCache)
+    static = StaticCache(config=model.config, max_cache_len=32)
+    with hk.patch_model(model, mixed_profile(), backend="torch"):
+        with pytest.warns(UserWarning, match="the StaticCache passed .* is not used"):
+            out = model(ids[:, :5], cache=static, use_cache=True)
+    assert isinstance(out.past_key_values, hk.HeadKVCache)
+
+
 def test_foreign_filled_cache_refused(model, ids):
     dense_cache = model(ids, use_cache=True).past_key_values
     with hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend="torch"):
