@@ -116,7 +116,10 @@ def run_ablation(model, input_ids, output_dir, *, ablation="all", classification
             raise ValueError(f"{path} holds results of another run (model {results.get('model')!r}); use another "
                              "--output-dir or --force")
         # resuming adds configurations; every row must come from the same tokens and the same inputs
-        changed = sorted(key for key in inputs if results.get("inputs", {}).get(key) != inputs[key])
+        if "inputs" not in results:
+            raise ValueError(f"{path} was written before results recorded what they were measured on, so resuming "
+                             "cannot tell whether it is the same evaluation; use --force to start over")
+        changed = sorted(key for key in inputs if results["inputs"].get(key) != inputs[key])
         if changed:
             raise ValueError(f"{path} holds results of another evaluation (it differs in: {', '.join(changed)}); "
                              "use another --output-dir, or --force to start over")

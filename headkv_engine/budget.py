@@ -67,7 +67,7 @@ def _sink_mass(stat, sink_size: int) -> dict:
     by_size = _get(stat, "sink_mass_by_size")
     if by_size:
         sinks.update({int(s): float(m) for s, m in dict(by_size).items()})
-    else:
+    elif sink_size > 0:  # (no sinks cover nothing: the recorded sink mass is that of the analysis' sink size)
         preference = _get(stat, "position_preference") or {}
         sinks[sink_size] = float(preference.get("sink", _get(stat, "sink_ratio", 0.0)))
     return sinks

@@ -115,8 +115,6 @@ class HeadKVCache(Cache):
     positions, windows and sinks count each sequence's real tokens only (left padding is never stored).
     """
 
-    _warned_grad = False  # the torch-while-recording-gradients warning is given once per process
-
     def __init__(self, profile: Profile, position_mode: str = "absolute", backend: str = "auto"):
         super().__init__(layers=[])
         if position_mode not in ("absolute", "shifted"):
@@ -293,17 +291,16 @@ class HeadKVCache(Cache):
 
     def _backend_for(self, *tensors) -> str:
         """The cache's backend, or the torch reference while autograd records (the compiled and Triton kernels
-        have no backward; their outputs would carry no gradient), with one warning."""
+        have no backward; their outputs would carry no gradient), with a warning (which Python's default filter
+        shows once per calling line)."""
         if self.backend == "torch" or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
             return self.backend
-        if not HeadKVCache._warned_grad:
-            HeadKVCache._warned_grad = True
-            warnings.warn(
-                f"HeadKVCache: autograd records gradients (no torch.no_grad()), so attention and appends are "
-                f"computed by the torch reference instead of backend {self.backend!r}, which has no backward; wrap "
-                "inference in torch.no_grad() for the kernels' speed",
-                stacklevel=2,
-            )
+        warnings.warn(
+            f"HeadKVCache: autograd records gradients (no torch.no_grad()), so attention and appends are computed "
+            f"by the torch reference instead of backend {self.backend!r}, which has no backward; wrap inference in "
+            "torch.no_grad() for the kernels' speed",
+            stacklevel=2,
+        )
         return "torch"
 
     def _append(self, store: LayerStore, key, value, positions, backend) -> None:

@@ -105,6 +105,8 @@ class HeadPolicy:
 def _check_fill_values(fill, where: str) -> tuple[float, ...]:
     """`fill` as a tuple of floats; it must be a non-empty list (or tuple) of finite real numbers."""
     expected = "expected null or a non-empty list of finite numbers (one per head_dim)"
+    if hasattr(fill, "tolist") and getattr(fill, "ndim", None) == 1:  # a 1-D tensor or numpy array
+        fill = fill.tolist()
     if not isinstance(fill, (list, tuple)):
         raise ProfileError(f"fill{where}: {expected}, got {type(fill).__name__} {reprlib.repr(fill)}")
     if not fill:

@@ -17,9 +17,12 @@ from headkv_engine.quickstart import random_gpt_neox
 
 
 def tiny_model(layers=2, heads=4, head_dim=16, vocab=97, seed=0, dtype=torch.float32, rotary_pct=0.25):
-    """A random GPTNeoX with large init so heads attend sharply and differently."""
-    return random_gpt_neox(layers, heads, head_dim, vocab, seed, max_positions=512, rotary_pct=rotary_pct,
-                           initializer_range=0.15, dtype=dtype)
+    """A random GPTNeoX with large init so heads attend sharply and differently. Its parameters require no grad,
+    so that forwards outside torch.no_grad still run the backend under test (autograd would make the cache use the
+    torch reference); a training test turns them back on."""
+    model = random_gpt_neox(layers, heads, head_dim, vocab, seed, max_positions=512, rotary_pct=rotary_pct,
+                            initializer_range=0.15, dtype=dtype)
+    return model.requires_grad_(False)
 
 
 def kept_keys(policy, t):

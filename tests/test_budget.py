@@ -214,3 +214,14 @@ def test_from_budget_on_a_model_with_engineered_heads():
     window = kl_to_full(hk.Profile.window_only(2, 4, window_size=budget))
     streaming = kl_to_full(hk.Profile.streaming_llm(2, 4, sink_size=4, window_size=budget - 4))
     assert ours < 0.5 * window and ours < 0.5 * streaming, (ours, window, streaming)
+
+
+def test_no_sinks_cover_no_sink_mass():
+    """sink_size=0: every option is a window, and a window is credited with its distances' mass only (the recorded
+    sink mass belongs to the analysis' sink size)."""
+    options = head_options(sink_head(0, 0), 0, 1024)
+    windows = {window: mass for sink, window, mass, _ in options if window is not None and window <= 2}
+    assert all(sink == 0 for sink, *_ in options)
+    assert windows[1] == pytest.approx(0.1) and windows[2] == pytest.approx(0.2)
+    profile = hk.Profile.from_budget(statistics(), mean_tokens=8, length=1024)
+    assert profile.policy(0, 1).sink_size > 0  # with the analysis' sinks, the sink head keeps its sinks

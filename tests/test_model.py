@@ -380,12 +380,11 @@ def test_shifted_mode_refuses_a_length_dependent_rope():
 def test_training_gradients_equal_the_reference(backend, ids):
     """Outside torch.no_grad the kernels (no backward) give way to the torch reference, with one warning, so the
     gradients are those of the dense masked reference, not silently missing."""
-    model = tiny_model(LAYERS, HEADS, HEAD_DIM)
+    model = tiny_model(LAYERS, HEADS, HEAD_DIM).requires_grad_(True)  # (tiny_model's parameters do not)
     profile = mixed_profile()
     reference_logits.__wrapped__(model, profile, ids).logsumexp(-1).mean().backward()  # (without its no_grad)
     want = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    hk.HeadKVCache._warned_grad = False
     with hk.patch_model(model, profile, backend=backend):
         if backend == "cpu":
             with pytest.warns(UserWarning, match="torch reference instead of backend 'cpu'"):

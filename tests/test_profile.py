@@ -252,3 +252,10 @@ def test_policies_built_directly_are_checked_and_normalised():
             hk.Profile(2, 2, heads={(1, 1): policy})
     with pytest.raises(hk.ProfileError, match="default"):
         hk.Profile(2, 2, default=HeadPolicy("bogus"))
+
+
+def test_fill_may_be_a_tensor():
+    import torch  # noqa: PLC0415
+
+    policy = HeadPolicy.make("prune", fill=torch.tensor([0.5, -1.0]))
+    assert policy.fill == (0.5, -1.0)

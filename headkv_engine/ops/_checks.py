@@ -64,11 +64,13 @@ def check_rows_in_pools(base: torch.Tensor, length: torch.Tensor, num_rows: int)
 def check_block_positions(positions: torch.Tensor) -> None:
     """A block's positions [B, T]: each row is -1 (left padding), then consecutive positions.
 
-    The kernels derive each column's position from the block's last one. One token per sequence (a decode step)
-    is not read on a GPU, which would cost a synchronisation per step.
+    The kernels derive each column's position from the block's last one. A one-token block (a decode step) is
+    not read: on a GPU that would cost a synchronisation per step.
     """
-    if positions.device.type != "cpu" and (positions.shape[1] < 2 or torch.cuda.is_current_stream_capturing()):
-        return  # (under CUDA graph capture no value can be read back: the graph replays a launch checked eagerly)
+    if positions.shape[1] < 2:
+        return  # one column is padding-then-consecutive whatever it holds (and decode steps stay free of a check)
+    if positions.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return  # no value can be read back under CUDA graph capture: the graph replays a launch checked eagerly
     broken = torch.zeros_like(positions, dtype=torch.bool)  # [B, T]: column t does not follow column t - 1
     broken[:, 1:] = (positions[:, :-1] >= 0) & (positions[:, 1:] != positions[:, :-1] + 1)
     broken |= positions < -1
