@@ -21,6 +21,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from headkv_engine import ops
+from headkv_engine.ops._checks import mark_positions_checked
 from headkv_engine.profile import Profile
 
 GROWTH_MIN_ROWS = 16
@@ -203,6 +204,7 @@ class HeadKVCache(Cache):
         self.seen = seen  # only now: a refused block leaves the cache as it was
         self._positions = positions
         self._positions_on = {positions.device: positions}
+        mark_positions_checked(positions)
         self._seen_after = seen + real.sum(dim=1)
         self._all_real = bool(real.all())
         return positions
@@ -223,6 +225,8 @@ class HeadKVCache(Cache):
         device = torch.device(device)
         if device not in self._positions_on:
             self._positions_on[device] = self._positions.to(device)
+            # begin_step built them padding-then-consecutive: the ops need not read them back to check
+            mark_positions_checked(self._positions_on[device])
         return self._positions_on[device]
 
     def sink_query_positions(self, layer_idx: int, device) -> torch.Tensor:

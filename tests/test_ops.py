@@ -328,6 +328,19 @@ def test_block_positions_must_be_padding_then_consecutive(backend):
     assert out.shape == k.shape
 
 
+def test_positions_checked_once_are_not_read_again_unless_changed():
+    """HeadKVCache marks the positions it built; the ops then skip reading them back (a GPU synchronisation per
+    layer), but a marked tensor changed in place is checked again."""
+    from headkv_engine.ops._checks import check_block_positions, mark_positions_checked  # noqa: PLC0415
+
+    positions = torch.tensor([[-1, 0, 1, 2]])
+    mark_positions_checked(positions)
+    check_block_positions(positions)
+    positions[0, 2] = 5  # bumps the tensor's version
+    with pytest.raises(ValueError, match="consecutive positions"):
+        check_block_positions(positions)
+
+
 @pytest.mark.parametrize("backend", VALIDATED_BACKENDS)
 def test_rows_outside_the_pools_are_refused(backend):
     q = torch.randn(1, 2, 8)

@@ -61,6 +61,12 @@ def check_rows_in_pools(base: torch.Tensor, length: torch.Tensor, num_rows: int)
         )
 
 
+def mark_positions_checked(positions: torch.Tensor) -> None:
+    """Record that `positions` are padding-then-consecutive (HeadKVCache builds them so), at the tensor's current
+    version: every layer's prefill and append of a step then skip the check, which on a GPU reads values back."""
+    positions._headkv_checked_version = positions._version
+
+
 def check_block_positions(positions: torch.Tensor) -> None:
     """A block's positions [B, T]: each row is -1 (left padding), then consecutive positions.
 
@@ -69,6 +75,8 @@ def check_block_positions(positions: torch.Tensor) -> None:
     """
     if positions.shape[1] < 2:
         return  # one column is padding-then-consecutive whatever it holds (and decode steps stay free of a check)
+    if getattr(positions, "_headkv_checked_version", None) == positions._version:
+        return
     if positions.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return  # no value can be read back under CUDA graph capture: the graph replays a launch checked eagerly
     broken = torch.zeros_like(positions, dtype=torch.bool)  # [B, T]: column t does not follow column t - 1
