@@ -17,8 +17,6 @@ from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb,
 
 from headkv_engine.cache import HeadKVCache
 
-_REPLACED_WARNED: set = set()  # Cache types already warned about being replaced
-
 
 def base_model(model):
     """The GPTNeoXModel inside a GPTNeoXForCausalLM (or the model itself)."""
@@ -78,9 +76,9 @@ def model_forward(
             )
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__}")
-        if cache is not None and type(cache) is not DynamicCache and type(cache) not in _REPLACED_WARNED:
-            # (an empty DynamicCache is what generate() passes by default: replaced without a word)
-            _REPLACED_WARNED.add(type(cache))
+        if cache is not None and type(cache) is not DynamicCache:
+            # (an empty DynamicCache is what generate() passes by default: replaced without a word; Python's
+            # default filter shows the warning once per cache type)
             warnings.warn(f"a patched model keeps its own HeadKVCache: the {type(cache).__name__} passed (e.g. "
                           "cache_implementation='static') is not used", stacklevel=2)
         cache = HeadKVCache(handle.profile, position_mode=handle.position_mode, backend=handle.backend)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from headkv_engine.profile import HeadPolicy, Profile, ProfileError, _read_json
+from headkv_engine.profile import HeadPolicy, Profile, ProfileError, _read_json, is_int
 
 SINK = 4
 LEGACY_TYPE = {
@@ -59,7 +59,7 @@ def load_classifications(source) -> list[dict]:
         entry = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
         for key in ("layer_idx", "head_idx"):
             value = entry.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ProfileError(f"classifications[{i}].{key}: expected an integer >= 0, got {value!r}")
         head_type = entry.get("head_type")
         if head_type not in LEGACY_TYPE:

@@ -108,7 +108,7 @@ def patch_model(model, profile: Profile, backend: str = "auto", position_mode: s
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if position_mode not in POSITION_MODES:
         raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}")
-    if _handle_of(model) is not None:
+    if is_patched(model):
         raise RuntimeError("model is already patched; call headkv_engine.unpatch_model(model) first")
     profile.check_model(model)
     rope_type = getattr(SUPPORTED[model_type].base_model(model).rotary_emb, "rope_type", "default")

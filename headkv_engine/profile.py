@@ -131,7 +131,7 @@ def _checked_policy(policy, where: str) -> HeadPolicy:
     return HeadPolicy.make(policy.strategy, policy.sink_size, policy.window_size, policy.fill, where=where)
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     """An int that is not a bool (`isinstance(True, int)` holds in Python)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -161,9 +161,9 @@ class Profile:
     def __post_init__(self):
         for name in ("num_layers", "num_heads"):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ProfileError(f"model.{name}: expected a positive integer, got {value!r}")
-        if self.head_dim is not None and (not _is_int(self.head_dim) or self.head_dim <= 0):
+        if self.head_dim is not None and (not is_int(self.head_dim) or self.head_dim <= 0):
             raise ProfileError(f"model.head_dim: expected a positive integer or null, got {self.head_dim!r}")
         # every policy checked (and normalised) as HeadPolicy.make would: one built directly, like
         # HeadPolicy("prune"), must not fail later inside a forward, nor HeadPolicy("bogus") run at all
@@ -178,9 +178,9 @@ class Profile:
         self._check_fill(self.default, "default")
 
     def _check_head(self, layer, head):
-        if not (_is_int(layer) and 0 <= layer < self.num_layers):
+        if not (is_int(layer) and 0 <= layer < self.num_layers):
             raise ProfileError(f"layer (head {head}): expected 0 <= layer < {self.num_layers}, got {layer!r}")
-        if not (_is_int(head) and 0 <= head < self.num_heads):
+        if not (is_int(head) and 0 <= head < self.num_heads):
             raise ProfileError(f"head (layer {layer}): expected 0 <= head < {self.num_heads}, got {head!r}")
 
     def _check_fill(self, policy: HeadPolicy, where: str):
@@ -234,7 +234,7 @@ class Profile:
             raise ProfileError("classifications: expected a non-empty list of per-head objects")
         for i, c in enumerate(entries):
             for key in ("layer_idx", "head_idx"):
-                if not _is_int(c.get(key)) or c.get(key) < 0:
+                if not is_int(c.get(key)) or c.get(key) < 0:
                     raise ProfileError(
                         f"classifications[{i}].{key}: expected an integer >= 0, got {c.get(key)!r}"
                     )
@@ -403,7 +403,7 @@ class Profile:
             layer, head = (entry.get(k) if isinstance(entry, dict) else None for k in ("layer", "head"))
             where = f"heads[{i}]: layer {layer}, head {head}"
             for name, value in (("layer", layer), ("head", head)):
-                if not _is_int(value):
+                if not is_int(value):
                     raise ProfileError(f"{name} ({where}): expected an integer, got {type(value).__name__} {value!r}")
             profile._check_head(layer, head)
             if (layer, head) in profile.heads:

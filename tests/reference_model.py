@@ -25,6 +25,20 @@ def tiny_model(layers=2, heads=4, head_dim=16, vocab=97, seed=0, dtype=torch.flo
     return model.requires_grad_(False)
 
 
+def wrap_forward(module) -> list:
+    """Set a wrapper as `module`'s instance forward (as a hook or a user would); returns the list it appends to
+    on every call. The caller deletes `module.forward` when done."""
+    calls = []
+    original = module.forward
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    module.forward = wrapped
+    return calls
+
+
 def kept_keys(policy, t):
     """Positions head `policy` holds when the query is at position t (SPEC 2 table)."""
     if policy.strategy == "prune":

@@ -7,7 +7,7 @@ import math
 import matplotlib.image
 import pytest
 import torch
-from reference_model import tiny_model
+from reference_model import tiny_model, wrap_forward
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -108,16 +108,13 @@ def test_analyze_keeps_instance_forwards_and_refuses_patched_models():
     model = tiny_model(2, 4, 16)
     ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(2))
     attention = model.gpt_neox.layers[1].attention
-    calls = []
-    original = attention.forward
-
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    attention.forward = wrapped
+    calls = wrap_forward(attention)
+    wrapped = attention.forward
     hk.analyze(model, ids, progress=False)
     assert attention.forward is wrapped and "_headkv_capture" not in vars(attention)
+    calls.clear()
+    model(ids[None])
+    assert calls == [1]  # the wrapper runs again
     del attention.forward
     with hk.patch_model(model.gpt_neox, hk.Profile.full(2, 4), backend="torch"):
         with pytest.raises(RuntimeError, match="unpatched model"):

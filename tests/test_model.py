@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from reference_model import positions_from_mask, reference_attention, reference_logits, tiny_model
+from reference_model import positions_from_mask, reference_attention, reference_logits, tiny_model, wrap_forward
 
 import headkv_engine as hk
 from headkv_engine.profile import HeadPolicy
@@ -304,14 +304,8 @@ def test_patching_the_inner_model_counts_as_patched(model, ids):
 def test_unpatch_restores_instance_forwards(model, ids):
     """A forward set on the instance before patching (accelerate's hooks, a user's wrapper) is put back."""
     attention = model.gpt_neox.layers[0].attention
-    calls = []
-    original = attention.forward
-
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    attention.forward = wrapped
+    calls = wrap_forward(attention)
+    wrapped = attention.forward
     try:
         with hk.patch_model(model, mixed_profile(), backend="torch"):
             model(ids)
@@ -514,9 +508,6 @@ def test_profile_mismatch_refused(model):
 def test_an_empty_cache_of_another_kind_is_replaced_with_a_warning(model, ids):
     from transformers import StaticCache  # noqa: PLC0415
 
-    from headkv_engine import gpt_neox  # noqa: PLC0415
-
-    gpt_neox._REPLACED_WARNED.discard(StaticCache)
     static = StaticCache(config=model.config, max_cache_len=32)
     with hk.patch_model(model, mixed_profile(), backend="torch"):
         with pytest.warns(UserWarning, match="the StaticCache passed .* is not used"):

@@ -16,7 +16,7 @@ import os
 from tqdm.auto import tqdm
 
 from headkv_engine.evaluation import evaluate
-from headkv_engine.profile import HeadPolicy, Profile, ProfileError
+from headkv_engine.profile import HeadPolicy, Profile, ProfileError, is_int
 
 LAYER_LOSSES_FORMAT = "headkv-layer-losses/1"
 WINDOWS = (16, 32, 64, 128, 192, 256, 384)
@@ -52,7 +52,7 @@ def load_layer_losses(layer_losses) -> dict:
     if not isinstance(layer_losses, dict) or layer_losses.get("format") != LAYER_LOSSES_FORMAT:
         raise ProfileError(f"layer_losses: expected a {LAYER_LOSSES_FORMAT!r} file from `headkv calibrate`")
     windows, loss = layer_losses.get("windows"), layer_losses.get("loss_increase")
-    if not isinstance(windows, list) or not windows or not all(_is_count(w) and w >= 1 for w in windows):
+    if not isinstance(windows, list) or not windows or not all(is_int(w) and w >= 1 for w in windows):
         raise ProfileError(f"layer_losses.windows: expected a non-empty list of window sizes >= 1, got {windows!r}")
     if not isinstance(loss, list) or not loss or any(not isinstance(row, list) or len(row) != len(windows)
                                                      for row in loss):
@@ -62,9 +62,6 @@ def load_layer_losses(layer_losses) -> dict:
         raise ProfileError("layer_losses.loss_increase: expected finite numbers")
     return layer_losses
 
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def layer_loss(layer_losses: dict, layer: int, window: int) -> float:
