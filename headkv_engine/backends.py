@@ -46,6 +46,24 @@ def _triton_reason(device_type: str, interpret: bool) -> str | None:
     return f"Triton runs on CUDA devices (or on CPU with TRITON_INTERPRET=1), not on {device_type}"
 
 
+def metal_unavailable_reason(device: torch.device) -> str | None:
+    """None when the Metal kernels can run on `device`, else why not."""
+    return _metal_reason(device.type, os.environ.get("HEADKV_METAL_EMULATE") == "1")
+
+
+@functools.cache
+def _metal_reason(device_type: str, emulate: bool) -> str | None:
+    if device_type == "mps":
+        if not hasattr(torch.mps, "compile_shader"):
+            return f"torch {torch.__version__} has no torch.mps.compile_shader (PyTorch >= 2.6 compiles Metal sources)"
+        return None
+    if device_type == "cpu" and emulate:
+        from headkv_engine.metal_emulator import emulation_unavailable_reason  # noqa: PLC0415
+
+        return emulation_unavailable_reason()
+    return f"Metal runs on Apple MPS devices (or on CPU with HEADKV_METAL_EMULATE=1), not on {device_type}"
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     device = torch.device(device)
     names = ["torch"]
@@ -53,6 +71,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
         names.append("cpu")
     if triton_unavailable_reason(device) is None:
         names.append("triton")
+    if metal_unavailable_reason(device) is None:
+        names.append("metal")
     return names
 
 
@@ -78,6 +98,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 return "triton"
             _warn_auto_fallback(reason)
             return "torch"
+        if device.type == "mps":
+            reason = metal_unavailable_reason(device)
+            if reason is None:
+                return "metal"
+            _warn_auto_fallback(reason)
+            return "torch"
         _warn_auto_fallback(f"no kernel backend serves {device.type} devices in this build")
         return "torch"
     if backend == "cpu":
@@ -91,5 +117,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if reason is not None:
             raise RuntimeError(f"backend 'triton' is unavailable: {reason}")
     if backend == "metal":
-        raise RuntimeError("backend 'metal' is unavailable: this build has no Metal kernels; use 'torch' on mps")
+        reason = metal_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"backend 'metal' is unavailable: {reason}")
     return backend

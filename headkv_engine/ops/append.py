@@ -16,7 +16,7 @@ import torch
 
 from headkv_engine.backends import resolve_backend
 from headkv_engine.kernel_sources import triton_launcher
-from headkv_engine.ops import _cpu
+from headkv_engine.ops import _cpu, _metal
 from headkv_engine.ops._checks import (
     FLOAT_DTYPES,
     check_block_positions,
@@ -87,7 +87,7 @@ def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_si
     check_no_grad(kind, k, v, k_pool, v_pool)
     if tokens == 0:
         return
-    if kind == "torch" or (kind == "triton" and k.device.type == "cpu"):
+    if kind == "torch" or (kind in ("triton", "metal") and k.device.type == "cpu"):
         check_rows_written(base, positions, sink_size, window_size, k_pool.shape[0])
     if kind == "torch":
         append_reference(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size)
@@ -97,5 +97,8 @@ def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_si
             k_pool, v_pool, pos_pool, base.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(),
             sink_size.contiguous(), window_size.contiguous(),
         )
+        return
+    if kind == "metal":
+        _metal.append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size)
         return
     _cpu.append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size)

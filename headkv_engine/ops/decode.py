@@ -17,7 +17,7 @@ import torch
 
 from headkv_engine.backends import resolve_backend
 from headkv_engine.kernel_sources import triton_launcher
-from headkv_engine.ops import _cpu
+from headkv_engine.ops import _cpu, _metal
 from headkv_engine.ops._checks import (
     FLOAT_DTYPES,
     check_fill,
@@ -86,7 +86,7 @@ def decode_attention(
     check_fill(fill, heads, head_dim, q.device)
     kind = resolve_backend(backend, q.device)
     check_no_grad(kind, q, k_pool, v_pool, q_sink)
-    if kind == "torch" or (kind == "triton" and q.device.type == "cpu"):
+    if kind == "torch" or (kind in ("triton", "metal") and q.device.type == "cpu"):
         check_rows_in_pools(base, length, k_pool.shape[0])
     if max_length is not None and q.device.type == "cpu" and length.numel() and int(length.max()) > max_length:
         # (on a GPU the hint is trusted: reading the lengths is what it spares)
@@ -96,9 +96,6 @@ def decode_attention(
         check_index("query_position", query_position, (batch,), q.device)
         if stat_sink < 0 or stat_local < 1:
             raise ValueError(f"stat_sink must be >= 0 and stat_local >= 1, got {stat_sink} and {stat_local}")
-        if kind not in ("torch", "triton", "cpu"):
-            raise ValueError(f"return_stats: backend {kind!r} does not compute decode statistics; use backend="
-                             "'torch', 'cpu' or 'triton'")
     if kind == "torch":
         return decode_attention_reference(
             q, k_pool, v_pool, base, length, scale=scale, sink_size=sink_size, q_sink=q_sink, fill=fill,
@@ -114,5 +111,8 @@ def decode_attention(
             fill=None if fill is None else fill.float().contiguous(), max_length=max_length, stats=stats,
         )
     stats = (pos_pool, query_position, stat_sink, stat_local) if return_stats else None
+    if kind == "metal":
+        return _metal.decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=sink_size, q_sink=q_sink,
+                                       fill=fill, stats=stats)
     return _cpu.decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=sink_size, q_sink=q_sink, fill=fill,
                                  stats=stats)

@@ -17,7 +17,7 @@ import torch
 
 from headkv_engine.backends import resolve_backend
 from headkv_engine.kernel_sources import triton_launcher
-from headkv_engine.ops import _cpu
+from headkv_engine.ops import _cpu, _metal
 from headkv_engine.ops._checks import (
     FLOAT_DTYPES,
     check_block_positions,
@@ -102,7 +102,7 @@ def prefill_attention(
     check_block_positions(positions)
     kind = resolve_backend(backend, q.device)
     check_no_grad(kind, q, k, v, k_pool, v_pool, q_sink)
-    if kind == "torch" or (kind == "triton" and q.device.type == "cpu"):
+    if kind == "torch" or (kind in ("triton", "metal") and q.device.type == "cpu"):
         check_rows_in_pools(base, length, k_pool.shape[0])
     if tokens == 0:
         return torch.empty_like(q)
@@ -118,6 +118,11 @@ def prefill_attention(
             sink_size.contiguous(), window_size.contiguous(), scale,
             q_sink=None if q_sink is None else q_sink.contiguous(),
             fill=None if fill is None else fill.float().contiguous(),
+        )
+    if kind == "metal":
+        return _metal.prefill_attention(
+            q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size, window_size, scale,
+            q_sink=q_sink, fill=fill,
         )
     return _cpu.prefill_attention(
         q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size, window_size, scale,

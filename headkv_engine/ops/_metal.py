@@ -1,0 +1,141 @@
+"""Calls into the Metal kernels of kernels/metal: on Apple MPS through `torch.mps.compile_shader`, and on CPU
+tensors, when HEADKV_METAL_EMULATE=1, through `headkv_engine.metal_emulator` (the same sources, compiled for the
+CPU: how CI tests them).
+
+The dispatchers in this package have checked shapes, dtypes and devices. Each op's source is compiled once per
+process (the shared common.metal first); a kernel is instantiated per (query dtype, pool dtype) and named
+`headkv_<op>_<query type>_<pool type>`. Scalars travel as two small buffers (int64 `ints`, float32 `floats`);
+absent optional tensors are replaced by a buffer the kernel never reads (a flag in `ints` says so).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+
+import torch
+
+from headkv_engine.kernel_sources import kernels_dir
+
+TYPE_NAMES = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}
+SIMD_WIDTH = 32
+MAX_HEAD_DIM = 256
+
+
+@functools.cache
+def source(op: str) -> str:
+    folder = kernels_dir() / "metal"
+    return (folder / "common.metal").read_text() + "\n" + (folder / f"{op}.metal").read_text()
+
+
+def kernel_name(op: str, query_dtype: torch.dtype, pool_dtype: torch.dtype) -> str:
+    return f"headkv_{op}_{TYPE_NAMES[query_dtype]}_{TYPE_NAMES[pool_dtype]}"
+
+
+@functools.cache
+def simds_per_group(op: str) -> int:
+    """SIMD groups per threadgroup, as the op's source defines them (<OP>_SIMDS)."""
+    found = re.search(rf"#define {op.upper()}_SIMDS (\d+)", source(op))
+    if found is None:
+        raise RuntimeError(f"kernels/metal/{op}.metal defines no {op.upper()}_SIMDS")
+    return int(found.group(1))
+
+
+@functools.cache
+def library(op: str, device_type: str):
+    """The compiled kernels of one op for `device_type` ('mps', or 'cpu' for the emulator)."""
+    if device_type == "mps":
+        return torch.mps.compile_shader(source(op))
+    from headkv_engine.metal_emulator import EmulatedLibrary  # noqa: PLC0415
+
+    names = [kernel_name(op, a, b) for a, b in itertools.product(TYPE_NAMES, repeat=2)]
+    return EmulatedLibrary(source(op), names)
+
+
+@functools.lru_cache(maxsize=512)
+def _constants(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # cached: a decode step passes the same scalars to every layer; the kernels only read these buffers
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _ints(values, device) -> torch.Tensor:
+    return _constants(tuple(int(v) for v in values), torch.int64, device)
+
+
+def _floats(values, device) -> torch.Tensor:
+    return _constants(tuple(float(v) for v in values), torch.float32, device)
+
+
+def _launch(op: str, dtypes, groups: int | tuple, buffers) -> None:
+    device = buffers[0].device
+    groups = (groups, 1, 1) if isinstance(groups, int) else groups
+    if 0 in groups:
+        return
+    threads_per_group = simds_per_group(op) * SIMD_WIDTH
+    kernel = getattr(library(op, device.type), kernel_name(op, *dtypes))
+    kernel(*buffers, threads=(groups[0] * threads_per_group, groups[1], groups[2]), group_size=(threads_per_group, 1, 1))
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim: the Metal kernels serve heads of up to {MAX_HEAD_DIM} dimensions, got {head_dim}")
+
+
+@torch.compiler.disable  # host-side launch: never traced, always run eagerly
+def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_sink=None, fill=None, stats=None):
+    """stats: None, or (pos_pool [N], query_position [B], stat_sink, stat_local); then returns (out, [B, H, 3])."""
+    batch, heads, head_dim = q.shape
+    check_head_dim(head_dim)
+    q, k_pool, v_pool = q.contiguous(), k_pool.contiguous(), v_pool.contiguous()
+    base, length = base.contiguous(), length.contiguous()
+    out = torch.empty_like(q)
+    floats = _floats((scale,), q.device)
+    stat_sink, stat_local = 4, 8
+    pos_pool = query_position = base
+    stats_out = floats  # never written without stats
+    if stats is not None:
+        pos_pool, query_position, stat_sink, stat_local = stats
+        pos_pool, query_position = pos_pool.contiguous(), query_position.contiguous()
+        stats_out = torch.empty(batch, heads, 3, dtype=torch.float32, device=q.device)
+    ints = _ints((heads, head_dim, q_sink is not None, fill is not None, stats is not None, stat_sink, stat_local),
+                 q.device)
+    _launch("decode", (q.dtype, k_pool.dtype), batch * heads, [
+        q, q if q_sink is None else q_sink.contiguous(), k_pool, v_pool, base, length,
+        base if sink_size is None else sink_size.contiguous(), floats if fill is None else fill.float().contiguous(),
+        pos_pool, query_position, ints, floats, out, stats_out,
+    ])
+    return out if stats is None else (out, stats_out)
+
+
+@torch.compiler.disable  # host-side launch: never traced, always run eagerly
+def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size, window_size, scale,
+                      q_sink=None, fill=None):
+    batch, heads, tokens, head_dim = q.shape
+    check_head_dim(head_dim)
+    q, k, v, positions = q.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous()
+    k_pool, v_pool, pos_pool = k_pool.contiguous(), v_pool.contiguous(), pos_pool.contiguous()
+    base, length = base.contiguous(), length.contiguous()
+    sink_size, window_size = sink_size.contiguous(), window_size.contiguous()
+    out = torch.empty_like(q)
+    floats = _floats((scale,), q.device)
+    ints = _ints((heads, head_dim, tokens, q_sink is not None, fill is not None), q.device)
+    query_tiles = -(-tokens // simds_per_group("prefill"))  # one SIMD group per query
+    _launch("prefill", (q.dtype, k_pool.dtype), (query_tiles, heads, batch), [
+        q, q if q_sink is None else q_sink.contiguous(), k, v, positions, k_pool, v_pool, pos_pool, base, length,
+        sink_size, window_size, floats if fill is None else fill.float().contiguous(), ints, floats, out,
+    ])
+    return out
+
+
+@torch.compiler.disable  # host-side launch: never traced, always run eagerly
+def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size):
+    """In place: the pools must already be contiguous (the dispatcher checks)."""
+    batch, heads, tokens, head_dim = k.shape
+    k, v, positions = k.contiguous(), v.contiguous(), positions.contiguous()
+    base, sink_size, window_size = base.contiguous(), sink_size.contiguous(), window_size.contiguous()
+    ints = _ints((heads, head_dim, tokens, k_pool.shape[0]), k.device)
+    token_tiles = -(-tokens // simds_per_group("append"))  # one SIMD group per token
+    _launch("append", (k.dtype, k_pool.dtype), (token_tiles, heads, batch), [
+        k, v, positions, base, sink_size, window_size, ints, k_pool, v_pool, pos_pool,
+    ])
