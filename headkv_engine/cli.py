@@ -19,7 +19,7 @@ def _quickstart(args) -> int:
     return 0
 
 
-CLI_BACKENDS = ["auto", "torch", "cpu", "triton"]
+CLI_BACKENDS = ["auto", "torch", "cpu", "triton", "metal"]
 
 
 def at_least(minimum: int):

@@ -45,6 +45,8 @@ def _kv_bytes(cache) -> int:
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 @torch.no_grad()
@@ -204,7 +206,8 @@ def add_arguments(parser):
     parser.add_argument("--max-tokens", type=at_least(2), default=1024, help="prompt length")
     parser.add_argument("--max-new-tokens", type=at_least(2), default=32)
     parser.add_argument("--backend", default="auto", choices=CLI_BACKENDS)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    default = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    parser.add_argument("--device", default=default)
     return parser
 
 

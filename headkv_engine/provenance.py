@@ -29,10 +29,16 @@ def commit() -> str:
 
 
 def processor(device="cpu") -> str:
-    """The GPU's name for a CUDA device, else the CPU's model name."""
+    """The GPU's name for a CUDA device, else the CPU's model name (on a Mac, its chip: the GPU of MPS)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if platform.system() == "Darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  check=True).stdout.strip() or platform.machine()
+        except (OSError, subprocess.CalledProcessError):
+            return platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))

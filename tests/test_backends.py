@@ -48,8 +48,9 @@ def test_without_the_extension_import_works_and_auto_warns_once():
     assert run.stdout.strip().endswith("ok")
 
 
-def test_unknown_and_unavailable_backends_are_named():
+def test_unknown_and_unavailable_backends_are_named(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         backends.resolve_backend("fast", torch.device("cpu"))
-    with pytest.raises(RuntimeError, match="metal"):
+    monkeypatch.delenv("HEADKV_METAL_EMULATE")
+    with pytest.raises(RuntimeError, match="backend 'metal' is unavailable: Metal runs on Apple MPS devices"):
         backends.resolve_backend("metal", torch.device("cpu"))

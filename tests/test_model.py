@@ -9,7 +9,7 @@ from reference_model import positions_from_mask, reference_attention, reference_
 import headkv_engine as hk
 from headkv_engine.profile import HeadPolicy
 
-BACKENDS = ["torch", "cpu", "triton"]
+BACKENDS = ["torch", "cpu", "triton", "metal"]
 
 
 @pytest.fixture(autouse=True)

@@ -295,7 +295,7 @@ def test_out_of_range_rows_are_refused_by_the_kernels():
         ops.prefill_attention(*args[:9], sink, -window, scale=1.0, backend="cpu")
 
 
-VALIDATED_BACKENDS = ["torch", "cpu", "triton"]
+VALIDATED_BACKENDS = ["torch", "cpu", "triton", "metal"]
 
 
 @pytest.fixture(autouse=True)
@@ -436,7 +436,7 @@ def test_extension_statistics_checks_its_arguments(field, args, message):
         _cpu.head_statistics(q, k, **call)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "metal"])
 def test_kernels_refuse_inputs_that_record_gradients(backend):
     """No backward: an input requiring grad is refused (outside torch.no_grad), not given a detached output."""
     q = torch.randn(1, 2, 8, requires_grad=True)

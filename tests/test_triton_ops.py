@@ -4,8 +4,10 @@ The interpreter runs kernels exactly but slowly, so shapes are small; the shapes
 sink 0, windows longer than the sequence, pruned heads, full heads, batch > 1, left padding and fp16/bf16.
 """
 
+import functools
 import os
 
+import kernel_cases
 import pytest
 import torch
 
@@ -13,39 +15,15 @@ import torch
 if os.environ.get("CI") != "true":
     pytest.importorskip("triton")
 
+from kernel_cases import SINKS  # noqa: E402
+
 from headkv_engine import ops  # noqa: E402
-from headkv_engine.profile import UNBOUNDED_WINDOW  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 
-# heads: full, sink 2 + window 3, window 1, pruned, sink 0 + window 5, sink 4 + window 100 (> sequence)
-SINKS = [0, 2, 0, 0, 0, 4]
-WINDOWS = [UNBOUNDED_WINDOW, 3, 1, 0, 5, 100]
-
-
-def policy(device=DEVICE):
-    return (torch.tensor(SINKS, device=device), torch.tensor(WINDOWS, device=device))
-
-
-def filled_cache(batch, head_dim, seen, dtype, seed=0):
-    """Pools holding what each head keeps after `seen[b]` tokens, written by the reference append."""
-    gen = torch.Generator().manual_seed(seed)
-    sink, window = policy("cpu")
-    seen_t = torch.tensor(seen)
-    kept = torch.minimum(seen_t[:, None], (sink + window)[None, :])
-    capacity = kept.flatten()
-    base = (torch.cumsum(capacity, 0) - capacity).view_as(kept)
-    rows = int(capacity.sum())
-    pools = [torch.zeros(rows, head_dim, dtype=dtype), torch.zeros(rows, head_dim, dtype=dtype),
-             torch.full((rows,), -1, dtype=torch.long)]
-    longest = max(seen)
-    positions = torch.stack([torch.cat([torch.full((longest - n,), -1), torch.arange(n)]) for n in seen])
-    k = torch.randn(batch, len(SINKS), longest, head_dim, generator=gen).to(dtype)
-    v = torch.randn(batch, len(SINKS), longest, head_dim, generator=gen).to(dtype)
-    ops.append_reference(*pools, base, k, v, positions, sink, window)
-    to = lambda t: t.to(DEVICE)  # noqa: E731
-    return [to(p) for p in pools], to(base), to(kept)
+policy = functools.partial(kernel_cases.policy, device=DEVICE)
+filled_cache = functools.partial(kernel_cases.filled_cache, device=DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

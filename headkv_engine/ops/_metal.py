@@ -74,7 +74,9 @@ def _launch(op: str, dtypes, groups: int | tuple, buffers) -> None:
         return
     threads_per_group = simds_per_group(op) * SIMD_WIDTH
     kernel = getattr(library(op, device.type), kernel_name(op, *dtypes))
-    kernel(*buffers, threads=(groups[0] * threads_per_group, groups[1], groups[2]), group_size=(threads_per_group, 1, 1))
+    # threads: the whole grid (Metal's dispatchThreads), here always whole threadgroups
+    threads = (groups[0] * threads_per_group, groups[1], groups[2])
+    kernel(*buffers, threads=threads, group_size=(threads_per_group, 1, 1))
 
 
 def check_head_dim(head_dim: int) -> None:

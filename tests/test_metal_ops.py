@@ -1,0 +1,268 @@
+"""The Metal kernels against the PyTorch references: on Apple MPS where present, else on CPU through the
+emulator (conftest.py sets HEADKV_METAL_EMULATE=1), which compiles the same kernel sources as C++ and runs each
+threadgroup's threads as real threads. Shapes cover window 1, sink 0, windows longer than the sequence, pruned
+and full heads, batch > 1, left padding, head sizes that are not a multiple of the SIMD width, fp16/bf16 and
+pools stored in another dtype than the queries.
+"""
+
+import functools
+import os
+import subprocess
+import textwrap
+
+import kernel_cases
+import pytest
+import torch
+from kernel_cases import SINKS
+
+from headkv_engine import backends, ops
+from headkv_engine.metal_emulator import EmulatedLibrary
+from headkv_engine.ops import _metal
+
+DEVICE = "mps" if torch.backends.mps.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+policy = functools.partial(kernel_cases.policy, device=DEVICE)
+filled_cache = functools.partial(kernel_cases.filled_cache, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_sink_query", [False, True])
+@pytest.mark.parametrize("head_dim", [24, 80])
+def test_decode_matches_reference(dtype, with_sink_query, head_dim):
+    batch = 2
+    (k_pool, v_pool, pos_pool), base, length = filled_cache(batch, head_dim, seen=[150, 9], dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(batch, len(SINKS), head_dim, generator=gen).to(dtype).to(DEVICE)
+    q_sink = torch.randn_like(q) if with_sink_query else None
+    sink, _ = policy()
+    fill = torch.randn(len(SINKS), head_dim, generator=gen).to(DEVICE)
+    kwargs = dict(scale=head_dim**-0.5, sink_size=sink, q_sink=q_sink, fill=fill)
+    got = ops.decode_attention(q, k_pool, v_pool, base, length, backend="metal", **kwargs)
+    want = ops.decode_attention_reference(q, k_pool, v_pool, base, length, **kwargs)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(got[:, 3].float(), fill[3].to(dtype).float().expand(batch, -1), atol=0, rtol=0)
+    # without a fill, a pruned head outputs zeros
+    kwargs.pop("fill")
+    got = ops.decode_attention(q, k_pool, v_pool, base, length, backend="metal", **kwargs)
+    assert not got[:, 3].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_statistics_match_reference(dtype):
+    batch, head_dim = 2, 24
+    (k_pool, v_pool, pos_pool), base, length = filled_cache(batch, head_dim, seen=[150, 9], dtype=dtype, seed=2)
+    q = torch.randn(batch, len(SINKS), head_dim, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
+    query_position = torch.tensor([150, 9], device=DEVICE)
+    kwargs = dict(scale=0.4, return_stats=True, pos_pool=pos_pool, query_position=query_position, stat_sink=2,
+                  stat_local=4)
+    got, got_stats = ops.decode_attention(q, k_pool, v_pool, base, length, backend="metal", **kwargs)
+    want, want_stats = ops.decode_attention_reference(q, k_pool, v_pool, base, length, **kwargs)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(got_stats, want_stats, atol=1e-4, rtol=1e-4)
+    assert not got_stats[:, 3].any()  # the pruned head: zeros
+
+
+@pytest.mark.parametrize("query_dtype,pool_dtype", [(torch.float32, torch.float16), (torch.bfloat16, torch.float32)])
+def test_pools_in_another_dtype_than_the_queries(query_dtype, pool_dtype):
+    batch, head_dim, tokens = 2, 16, 9
+    (k_pool, v_pool, pos_pool), base, length = filled_cache(batch, head_dim, seen=[20, 13], dtype=pool_dtype)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(batch, len(SINKS), head_dim, generator=gen).to(query_dtype).to(DEVICE)
+    sink, window = policy()
+    got = ops.decode_attention(q, k_pool, v_pool, base, length, scale=0.3, backend="metal")
+    want = ops.decode_attention_reference(q, k_pool, v_pool, base, length, scale=0.3)
+    tol = max(TOL[query_dtype], TOL[pool_dtype])
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    q, k, v = (torch.randn(batch, len(SINKS), tokens, head_dim, generator=gen).to(query_dtype).to(DEVICE)
+               for _ in range(3))
+    positions = torch.stack([torch.arange(20, 20 + tokens), torch.arange(13, 13 + tokens)]).to(DEVICE)
+    args = (q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink, window)
+    got = ops.prefill_attention(*args, scale=0.3, backend="metal")
+    torch.testing.assert_close(got.float(), ops.prefill_attention_reference(*args, scale=0.3).float(), atol=tol,
+                               rtol=tol)
+    pools, base = empty_pools(head_dim, [20 + tokens, 13 + tokens], pool_dtype)
+    want = [p.clone() for p in pools]
+    ops.append(*pools, base, k, v, positions, sink, window, backend="metal")
+    ops.append_reference(*want, base, k, v, positions, sink, window)
+    for mine, theirs in zip(pools, want):
+        assert torch.equal(mine, theirs)
+
+
+def empty_pools(head_dim, seen_after, dtype):
+    """Unwritten pools with the rows each head keeps after `seen_after[b]` tokens: ([k, v, pos], base)."""
+    sink, window = kernel_cases.policy()
+    keep = torch.minimum(torch.tensor(seen_after)[:, None], (sink + window)[None, :]).flatten()
+    base = (torch.cumsum(keep, 0) - keep).view(len(seen_after), -1).to(DEVICE)
+    rows = int(keep.sum())
+    pools = [torch.zeros(rows, head_dim, dtype=dtype, device=DEVICE),
+             torch.zeros(rows, head_dim, dtype=dtype, device=DEVICE),
+             torch.full((rows,), -1, dtype=torch.long, device=DEVICE)]
+    return pools, base
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cached", [False, True], ids=["empty-cache", "cached-prefix"])
+def test_prefill_matches_reference(dtype, cached):
+    batch, head_dim, tokens = 2, 40, 37
+    seen = [20, 13] if cached else [0, 0]
+    if cached:
+        (k_pool, v_pool, pos_pool), base, length = filled_cache(batch, head_dim, seen=seen, dtype=dtype)
+    else:
+        k_pool = v_pool = torch.zeros(0, head_dim, dtype=dtype, device=DEVICE)
+        pos_pool = torch.zeros(0, dtype=torch.long, device=DEVICE)
+        base = length = torch.zeros(batch, len(SINKS), dtype=torch.long, device=DEVICE)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, q_sink = (torch.randn(batch, len(SINKS), tokens, head_dim, generator=gen).to(dtype).to(DEVICE)
+                       for _ in range(4))
+    pad = 6  # the second sequence is left-padded
+    positions = torch.stack([
+        torch.arange(seen[0], seen[0] + tokens),
+        torch.cat([torch.full((pad,), -1), torch.arange(seen[1], seen[1] + tokens - pad)]),
+    ]).to(DEVICE)
+    sink, window = policy()
+    fill = torch.randn(len(SINKS), head_dim, generator=gen).to(DEVICE)
+    args = (q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink, window)
+    for kwargs in (dict(scale=head_dim**-0.5, q_sink=q_sink, fill=fill), dict(scale=head_dim**-0.5)):
+        got = ops.prefill_attention(*args, backend="metal", **kwargs)
+        want = ops.prefill_attention_reference(*args, **kwargs)
+        torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_prefill_visits_exactly_the_sink_and_window_columns():
+    """The kernel visits only the block columns the mask lets through, computed from the positions: sweep the
+    sink and window sizes around the block's length and the padding, where an off-by-one in those ranges shows."""
+    batch, head_dim, tokens = 2, 8, 12
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(batch, 1, tokens, head_dim, generator=gen).to(DEVICE) for _ in range(3))
+    positions = torch.stack([torch.arange(tokens), torch.cat([torch.full((5,), -1), torch.arange(3, 3 + tokens - 5)])])
+    positions = positions.to(DEVICE)
+    empty = torch.zeros(0, head_dim, device=DEVICE)
+    none = torch.zeros(batch, 1, dtype=torch.long, device=DEVICE)
+    for sink in (0, 1, 3, 4, 12, 20):
+        for window in (0, 1, 2, 5, 11, 12, 13, 1 << 40):
+            sizes = (torch.tensor([sink], device=DEVICE), torch.tensor([window], device=DEVICE))
+            args = (q, k, v, positions, empty, empty, none[0, :0].clone(), none, none, *sizes)
+            got = ops.prefill_attention(*args, scale=0.5, backend="metal")
+            want = ops.prefill_attention_reference(*args, scale=0.5)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=f"sink {sink}, window {window}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_append_matches_reference(dtype):
+    batch, head_dim, tokens = 2, 40, 30
+    gen = torch.Generator().manual_seed(7)
+    k, v = (torch.randn(batch, len(SINKS), tokens, head_dim, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    # a block that continues both sequences (the second left-padded): ring slots wrap within the block
+    sink, window = policy()
+    pools, base = empty_pools(head_dim, [7 + tokens, 3 + tokens - 4], dtype)
+    positions = torch.stack([torch.arange(7, 7 + tokens),
+                             torch.cat([torch.full((4,), -1), torch.arange(3, 3 + tokens - 4)])]).to(DEVICE)
+    want = [p.clone() for p in pools]
+    ops.append(*pools, base, k, v, positions, sink, window, backend="metal")
+    ops.append_reference(*want, base, k, v, positions, sink, window)
+    for mine, theirs in zip(pools, want):
+        assert torch.equal(mine, theirs)
+
+
+def test_append_never_writes_outside_the_pools():
+    """A base that points past the pools is skipped by the kernel (the dispatcher refuses it on CPU tensors)."""
+    k = torch.randn(1, 2, 3, 8, device=DEVICE)
+    pools = [torch.zeros(4, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE),
+             torch.full((4,), -1, dtype=torch.long, device=DEVICE)]
+    base = torch.tensor([[0, 3]], device=DEVICE)  # head 1 would write rows 3, 4, 5
+    sink, window = torch.tensor([0, 0], device=DEVICE), torch.tensor([3, 3], device=DEVICE)
+    _metal.append(*pools, base, k, k, torch.arange(3, device=DEVICE)[None], sink, window)
+    assert torch.equal(pools[0][:3], k[0, 0]) and torch.equal(pools[0][3], k[0, 1, 0])
+    assert pools[2].tolist() == [0, 1, 2, 0]
+
+
+def test_head_dim_above_the_kernels_limit_is_refused():
+    q = torch.zeros(1, 1, 264, device=DEVICE)
+    pool = torch.zeros(2, 264, device=DEVICE)
+    index = torch.zeros(1, 1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim: the Metal kernels serve heads of up to 256 dimensions, got 264"):
+        ops.decode_attention(q, pool, pool, index, index, scale=1.0, backend="metal")
+
+
+def test_every_launched_kernel_is_instantiated_in_the_sources():
+    """The launcher names a kernel per (query dtype, pool dtype); each source instantiates all nine (bfloat under
+    Metal 3.1), and declares its threadgroup memory through HEADKV_THREADGROUP (shared in the emulator too)."""
+    for op in ("decode", "prefill", "append"):
+        text = _metal.source(op)
+        for query in _metal.TYPE_NAMES.values():
+            for pool in _metal.TYPE_NAMES.values():
+                assert f"HEADKV_{op.upper()}({query}, {pool})" in text
+        for line in text.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("threadgroup ") and "[" in stripped and "(" not in stripped:
+                pytest.fail(f"{op}: threadgroup memory declared without HEADKV_THREADGROUP: {stripped}")
+
+
+# --- the emulator itself ------------------------------------------------------------------------------------
+
+EMULATOR_PROBE = textwrap.dedent("""
+    #include <metal_stdlib>
+    using namespace metal;
+    #define PROBE_SIMDS 2
+    kernel void probe(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
+                      uint3 group [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]],
+                      uint simd [[simdgroup_index_in_threadgroup]]) {
+        HEADKV_THREADGROUP float shared_sum[PROBE_SIMDS];
+        const uint thread_id = simd * 32 + lane;
+        const uint index = group.x * 40 + thread_id;
+        const float total = simd_sum(x[index]);
+        const float top = simd_max(x[index]);
+        if (lane == 0) shared_sum[simd] = total;
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        out[index] = shared_sum[0] + shared_sum[1] + 1000.0f * top;
+    }
+""")
+
+
+@pytest.mark.skipif(backends.metal_unavailable_reason(torch.device("cpu")) is not None and DEVICE == "cpu",
+                    reason="no C++ compiler for the emulator")
+def test_emulator_reduces_over_the_lanes_of_partial_simd_groups_and_shares_threadgroup_memory():
+    """40 threads per group: SIMD groups of 32 and 8 lanes; simd_sum / simd_max cover exactly the live lanes,
+    and the threadgroup array is one per group (two groups run in turn)."""
+    library = EmulatedLibrary(EMULATOR_PROBE, ["probe"])
+    x = torch.rand(80)
+    out = torch.empty(80)
+    library.probe(x, out, threads=(80,), group_size=(40,))
+    for g in range(2):
+        part = x[g * 40 : (g + 1) * 40]
+        want = part.sum() + 1000.0 * torch.cat([part[:32].max().expand(32), part[32:].max().expand(8)])
+        torch.testing.assert_close(out[g * 40 : (g + 1) * 40], want, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="whole multiples of group_size"):
+        library.probe(x, out, threads=(70,), group_size=(40,))
+    with pytest.raises(AttributeError, match="no kernel 'missing'"):
+        library.missing  # noqa: B018
+
+
+def test_metal_backend_needs_mps_or_the_emulator(monkeypatch):
+    monkeypatch.setenv("HEADKV_METAL_EMULATE", "0")
+    with pytest.raises(RuntimeError, match="backend 'metal' is unavailable: Metal runs on Apple MPS devices .or on "
+                                           "CPU with HEADKV_METAL_EMULATE=1., not on cpu"):
+        backends.resolve_backend("metal", torch.device("cpu"))
+    assert "metal" not in backends.available_backends("cpu")
+    monkeypatch.setenv("HEADKV_METAL_EMULATE", "1")
+    assert backends.resolve_backend("metal", torch.device("cpu")) == "metal"
+    assert backends.resolve_backend("auto", torch.device("cpu")) in ("cpu", "torch")  # never the emulator
+
+
+def test_emulator_reports_a_compile_error():
+    with pytest.raises(RuntimeError, match="could not compile the kernels"):
+        EmulatedLibrary("kernel void broken(device float* x, HEADKV_NO_SUCH_MACRO) {}", ["broken"])
+
+
+@pytest.mark.skipif(os.environ.get("CI") == "true", reason="needs a Metal toolchain (macOS)")
+def test_sources_compile_with_apples_metal_compiler():
+    """Where Apple's offline compiler is installed (xcrun metal), every source compiles as Metal."""
+    try:
+        subprocess.run(["xcrun", "--find", "metal"], capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("xcrun metal is not installed")
+    for op in ("decode", "prefill", "append"):
+        result = subprocess.run(["xcrun", "metal", "-std=metal3.1", "-x", "metal", "-c", "-", "-o", os.devnull],
+                                input=_metal.source(op), capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
