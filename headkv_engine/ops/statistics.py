@@ -139,8 +139,9 @@ def head_statistics(q, k, q_start=0, *, scale, sink_size=4, local_window=8, rece
             float(scale), sink_size, local_window, min_query, bins,
         )
     else:
-        raise RuntimeError(f"head_statistics has no {kind!r} kernel in this build; use backend='torch', 'cpu' or "
-                           "'triton'")
+        # (metal: the sums are float64, which MPS lacks, so neither a Metal kernel nor the reference runs there)
+        raise RuntimeError(f"head_statistics has no {kind!r} kernel; use backend='torch', 'cpu' or 'triton' (on a "
+                           "Mac: analyse on the CPU, model and inputs on device 'cpu')")
     return sums_from_buffer(buffer, bins)
 
 

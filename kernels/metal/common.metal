@@ -18,11 +18,19 @@ using namespace metal;
 
 #define HEADKV_BUILTINS                                                                 \
     uint3 group [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]], \
-        uint simd [[simdgroup_index_in_threadgroup]]
+        uint simd_index [[simdgroup_index_in_threadgroup]]
+
+// The running maximum starts finite: no infinity enters the arithmetic, whatever math mode the library was
+// compiled in (fast math may assume there is none). exp(HEADKV_NO_SCORE - s) is 0 for any real score s.
+#define HEADKV_NO_SCORE (-FLT_MAX)
+
+// min / max of 64-bit indices (spelled out: the Metal library's integer min / max are not declared for long everywhere)
+inline long min_index(long a, long b) { return a < b ? a : b; }
+inline long max_index(long a, long b) { return a > b ? a : b; }
 
 // The online softmax of one query over the keys a SIMD group visits, with this lane's share of the output.
 struct OnlineSoftmax {
-    float m = -INFINITY;  // running maximum score
+    float m = HEADKV_NO_SCORE;  // running maximum score
     float l = 0.0f;       // sum of exp(score - m)
     float acc[HEADKV_DIMS_PER_LANE] = {};
 
@@ -31,7 +39,7 @@ struct OnlineSoftmax {
     template <typename T>
     float add(float s, device const T* value_row, long head_dim, uint lane, thread float& rescale) {
         const float m_new = max(m, s);
-        rescale = exp(m - m_new);  // 0 for the first key (m = -inf)
+        rescale = exp(m - m_new);  // 0 for the first key
         const float p = exp(s - m_new);
         l = l * rescale + p;
         for (uint i = 0; i < HEADKV_DIMS_PER_LANE; ++i) {

@@ -15,7 +15,8 @@ void decode_body(device const TQ* q, device const TQ* q_sink, device const TKV* 
                  device const long* base, device const long* length, device const long* sink_size,
                  device const float* fill, device const long* pos_pool, device const long* query_position,
                  device const long* ints, device const float* floats, device TQ* out, device float* stats,
-                 threadgroup float* part_state, threadgroup float* part_acc, uint3 group, uint lane, uint simd) {
+                 threadgroup float* part_state, threadgroup float* part_acc, uint3 group, uint lane,
+                 uint simd_index) {
     const long heads = ints[0], head_dim = ints[1];
     const bool has_qsink = ints[2] != 0, has_fill = ints[3] != 0, with_stats = ints[4] != 0;
     const long stat_sink = ints[5], stat_local = ints[6];
@@ -31,7 +32,7 @@ void decode_body(device const TQ* q, device const TQ* q_sink, device const TKV* 
 
     OnlineSoftmax state;
     float weighted_score = 0.0f, sink_sum = 0.0f, local_sum = 0.0f;
-    for (long j = simd; j < rows; j += DECODE_SIMDS) {
+    for (long j = simd_index; j < rows; j += DECODE_SIMDS) {
         const long row = start + j;
         const float s = score(j < sink_rows ? query_sink : query, k_pool + row * head_dim, head_dim, lane);
         float rescale;
@@ -46,7 +47,7 @@ void decode_body(device const TQ* q, device const TQ* q_sink, device const TKV* 
 
     // merge the SIMD groups' partial softmaxes
     if (lane == 0) {
-        threadgroup float* mine = part_state + simd * DECODE_STATE;
+        threadgroup float* mine = part_state + simd_index * DECODE_STATE;
         mine[0] = state.m;
         mine[1] = state.l;
         mine[2] = weighted_score;
@@ -55,11 +56,11 @@ void decode_body(device const TQ* q, device const TQ* q_sink, device const TKV* 
     }
     for (uint i = 0; i < HEADKV_DIMS_PER_LANE; ++i) {
         const long d = lane + long(i) * HEADKV_SIMD_WIDTH;
-        if (d < head_dim) part_acc[simd * HEADKV_MAX_HEAD_DIM + d] = state.acc[i];
+        if (d < head_dim) part_acc[simd_index * HEADKV_MAX_HEAD_DIM + d] = state.acc[i];
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
-    const uint thread_id = simd * HEADKV_SIMD_WIDTH + lane;
+    const uint thread_id = simd_index * HEADKV_SIMD_WIDTH + lane;
     device TQ* out_row = out + bh * head_dim;
     if (rows == 0) {  // pruned or empty head: its fill (guard 0/0)
         for (long d = thread_id; d < head_dim; d += DECODE_SIMDS * HEADKV_SIMD_WIDTH)
@@ -68,12 +69,12 @@ void decode_body(device const TQ* q, device const TQ* q_sink, device const TKV* 
             for (int f = 0; f < 3; ++f) stats[bh * 3 + f] = 0.0f;
         return;
     }
-    float m = -INFINITY;
+    float m = HEADKV_NO_SCORE;
     for (uint s = 0; s < DECODE_SIMDS; ++s) m = max(m, part_state[s * DECODE_STATE]);
     float weight[DECODE_SIMDS];
     float total = 0.0f;
     for (uint s = 0; s < DECODE_SIMDS; ++s) {
-        // a SIMD group that saw no row has l = 0 and m = -inf: weight 0, never exp(-inf + inf)
+        // a SIMD group that saw no row has l = 0: weight 0
         weight[s] = part_state[s * DECODE_STATE + 1] > 0.0f ? exp(part_state[s * DECODE_STATE] - m) : 0.0f;
         total += part_state[s * DECODE_STATE + 1] * weight[s];
     }
@@ -95,19 +96,19 @@ void decode_body(device const TQ* q, device const TQ* q_sink, device const TKV* 
     }
 }
 
-#define HEADKV_DECODE(TQ, TKV)                                                                                     \
-    kernel void headkv_decode_##TQ##_##TKV(                                                                        \
-        device const TQ* q [[buffer(0)]], device const TQ* q_sink [[buffer(1)]],                                   \
-        device const TKV* k_pool [[buffer(2)]], device const TKV* v_pool [[buffer(3)]],                            \
-        device const long* base [[buffer(4)]], device const long* length [[buffer(5)]],                            \
-        device const long* sink_size [[buffer(6)]], device const float* fill [[buffer(7)]],                        \
-        device const long* pos_pool [[buffer(8)]], device const long* query_position [[buffer(9)]],                \
-        device const long* ints [[buffer(10)]], device const float* floats [[buffer(11)]],                         \
-        device TQ* out [[buffer(12)]], device float* stats [[buffer(13)]], HEADKV_BUILTINS) {                      \
-        HEADKV_THREADGROUP float part_state[DECODE_SIMDS * DECODE_STATE];                                          \
-        HEADKV_THREADGROUP float part_acc[DECODE_SIMDS * HEADKV_MAX_HEAD_DIM];                                     \
-        decode_body<TQ, TKV>(q, q_sink, k_pool, v_pool, base, length, sink_size, fill, pos_pool, query_position,   \
-                             ints, floats, out, stats, part_state, part_acc, group, lane, simd);                   \
+#define HEADKV_DECODE(TQ, TKV)                                                                                       \
+    kernel void headkv_decode_##TQ##_##TKV(                                                                          \
+        device const TQ* q [[buffer(0)]], device const TQ* q_sink [[buffer(1)]],                                     \
+        device const TKV* k_pool [[buffer(2)]], device const TKV* v_pool [[buffer(3)]],                              \
+        device const long* base [[buffer(4)]], device const long* length [[buffer(5)]],                              \
+        device const long* sink_size [[buffer(6)]], device const float* fill [[buffer(7)]],                          \
+        device const long* pos_pool [[buffer(8)]], device const long* query_position [[buffer(9)]],                  \
+        device const long* ints [[buffer(10)]], device const float* floats [[buffer(11)]],                           \
+        device TQ* out [[buffer(12)]], device float* stats [[buffer(13)]], HEADKV_BUILTINS) {                        \
+        HEADKV_THREADGROUP float part_state[DECODE_SIMDS * DECODE_STATE];                                            \
+        HEADKV_THREADGROUP float part_acc[DECODE_SIMDS * HEADKV_MAX_HEAD_DIM];                                       \
+        decode_body<TQ, TKV>(q, q_sink, k_pool, v_pool, base, length, sink_size, fill, pos_pool, query_position,     \
+                             ints, floats, out, stats, part_state, part_acc, group, lane, simd_index);               \
     }
 
 HEADKV_DECODE(float, float)

@@ -15,11 +15,11 @@ void prefill_body(device const TQ* q, device const TQ* q_sink, device const TQ* 
                   device const long* pos_pool, device const long* base, device const long* length,
                   device const long* sink_size, device const long* window_size, device const float* fill,
                   device const long* ints, device const float* floats, device TQ* out, uint3 group, uint lane,
-                  uint simd) {
+                  uint simd_index) {
     const long heads = ints[0], head_dim = ints[1], tokens = ints[2];
     const bool has_qsink = ints[3] != 0, has_fill = ints[4] != 0;
     const float scale = floats[0];
-    const long t = long(group.x) * PREFILL_SIMDS + simd, h = group.y, b = group.z;
+    const long t = long(group.x) * PREFILL_SIMDS + simd_index, h = group.y, b = group.z;
     if (t >= tokens) return;  // the whole SIMD group: no barrier follows
     const long bh = b * heads + h;
     const long row_offset = (bh * tokens + t) * head_dim;
@@ -38,8 +38,8 @@ void prefill_body(device const TQ* q, device const TQ* q_sink, device const TQ* 
         const long start = base[bh], rows = length[bh];
         for (long j = 0; j < rows; ++j) {
             const long row = start + j, key_pos = pos_pool[row];
-            const bool visible = key_pos >= 0 && key_pos <= query_pos && (key_pos < sink || key_pos > query_pos - window);
-            if (!visible) continue;  // the same in every lane
+            const bool seen = key_pos >= 0 && key_pos <= query_pos && (key_pos < sink || key_pos > query_pos - window);
+            if (!seen) continue;  // the same in every lane
             const bool sink_key = has_qsink && key_pos < sink;
             const float s = score(sink_key ? query_sink : query, k_pool + row * head_dim, head_dim, lane);
             state.add(s, v_pool + row * head_dim, head_dim, lane, rescale);
@@ -52,8 +52,9 @@ void prefill_body(device const TQ* q, device const TQ* q_sink, device const TQ* 
             if (block_pos[mid] >= 0) last = mid; else first = mid + 1;
         }
         const long column_of_zero = t - query_pos;  // the column position 0 would have
-        const long sink_end = min(t + 1, max(first, column_of_zero + sink));  // sink columns: first .. sink_end - 1
-        const long window_start = max(sink_end, max(first, t - window + 1));
+        // sink columns: first .. sink_end - 1; window columns: window_start .. t
+        const long sink_end = min_index(t + 1, max_index(first, column_of_zero + sink));
+        const long window_start = max_index(sink_end, max_index(first, t - window + 1));
         for (long c = first; c <= t; ++c) {
             if (c == sink_end) c = window_start;
             if (c > t) break;
@@ -72,18 +73,18 @@ void prefill_body(device const TQ* q, device const TQ* q_sink, device const TQ* 
     }
 }
 
-#define HEADKV_PREFILL(TQ, TKV)                                                                                    \
-    kernel void headkv_prefill_##TQ##_##TKV(                                                                       \
-        device const TQ* q [[buffer(0)]], device const TQ* q_sink [[buffer(1)]], device const TQ* k [[buffer(2)]], \
-        device const TQ* v [[buffer(3)]], device const long* positions [[buffer(4)]],                              \
-        device const TKV* k_pool [[buffer(5)]], device const TKV* v_pool [[buffer(6)]],                            \
-        device const long* pos_pool [[buffer(7)]], device const long* base [[buffer(8)]],                          \
-        device const long* length [[buffer(9)]], device const long* sink_size [[buffer(10)]],                      \
-        device const long* window_size [[buffer(11)]], device const float* fill [[buffer(12)]],                    \
-        device const long* ints [[buffer(13)]], device const float* floats [[buffer(14)]],                         \
-        device TQ* out [[buffer(15)]], HEADKV_BUILTINS) {                                                          \
-        prefill_body<TQ, TKV>(q, q_sink, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size,       \
-                              window_size, fill, ints, floats, out, group, lane, simd);                            \
+#define HEADKV_PREFILL(TQ, TKV)                                                                                      \
+    kernel void headkv_prefill_##TQ##_##TKV(                                                                         \
+        device const TQ* q [[buffer(0)]], device const TQ* q_sink [[buffer(1)]], device const TQ* k [[buffer(2)]],   \
+        device const TQ* v [[buffer(3)]], device const long* positions [[buffer(4)]],                                \
+        device const TKV* k_pool [[buffer(5)]], device const TKV* v_pool [[buffer(6)]],                              \
+        device const long* pos_pool [[buffer(7)]], device const long* base [[buffer(8)]],                            \
+        device const long* length [[buffer(9)]], device const long* sink_size [[buffer(10)]],                        \
+        device const long* window_size [[buffer(11)]], device const float* fill [[buffer(12)]],                      \
+        device const long* ints [[buffer(13)]], device const float* floats [[buffer(14)]],                           \
+        device TQ* out [[buffer(15)]], HEADKV_BUILTINS) {                                                            \
+        prefill_body<TQ, TKV>(q, q_sink, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size,         \
+                              window_size, fill, ints, floats, out, group, lane, simd_index);                        \
     }
 
 HEADKV_PREFILL(float, float)
