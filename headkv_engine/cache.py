@@ -294,7 +294,7 @@ class HeadKVCache(Cache):
         return out
 
     def _backend_for(self, *tensors) -> str:
-        """The cache's backend, or the torch reference while autograd records (the compiled and Triton kernels
+        """The cache's backend, or the torch reference while autograd records (the compiled, Triton and Metal kernels
         have no backward; their outputs would carry no gradient), with a warning (which Python's default filter
         shows once per calling line)."""
         if self.backend == "torch" or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):

@@ -5,9 +5,11 @@ and full heads, batch > 1, left padding, head sizes that are not a multiple of t
 pools stored in another dtype than the queries.
 """
 
+import csv
 import functools
 import os
 import subprocess
+import sys
 import textwrap
 
 import kernel_cases
@@ -266,3 +268,22 @@ def test_sources_compile_with_apples_metal_compiler():
         result = subprocess.run(["xcrun", "metal", "-std=metal3.1", "-x", "metal", "-c", "-", "-o", os.devnull],
                                 input=_metal.source(op), capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
+
+
+def test_mps_benchmark_script_runs_through_the_emulator(tmp_path):
+    """bench/mps_kernels.py, ready for an Apple GPU, writes its CSV (here on CPU through the emulator: the rows
+    are checked, not the times) and does not overwrite it without --force."""
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "mps_kernels.py")
+    out = tmp_path / "mps.csv"
+    command = [sys.executable, script, "--device", "cpu", "--contexts", "64", "--batches", "2",
+               "--prefill-contexts", "16", "--repeats", "2", "--csv", str(out)]
+    env = {**os.environ, "HEADKV_METAL_EMULATE": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["op"] for r in rows] == ["decode", "prefill_sink4_window8", "prefill_sink4_window24",
+                                       "prefill_sink4_window252"]
+    assert rows[0]["device_type"] == "cpu" and float(rows[0]["ours_ms"]) > 0 and float(rows[0]["copy_GBps"]) > 0
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode != 0 and "pass --force to overwrite it" in again.stderr

@@ -92,8 +92,8 @@ def check_block_positions(positions: torch.Tensor) -> None:
 
 
 def check_no_grad(kind: str, *tensors) -> None:
-    """The compiled and Triton kernels have no backward: refuse inputs that record gradients for them, rather than
-    return an output autograd cannot connect to its inputs (a silent zero gradient)."""
+    """The compiled, Triton and Metal kernels have no backward: refuse inputs that record gradients for them,
+    rather than return an output autograd cannot connect to its inputs (a silent zero gradient)."""
     if kind == "torch" or not torch.is_grad_enabled():
         return
     if any(t is not None and t.requires_grad for t in tensors):

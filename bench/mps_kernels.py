@@ -1,0 +1,134 @@
+"""Apple GPU kernel benchmark: the Metal ragged decode and windowed prefill vs dense SDPA, one run, one CSV.
+
+Decode: bandwidth = bytes of kept K/V read / time, beside the device's copy bandwidth measured in the same run
+(bytes read + written / time) and the ratio of the two; vs torch SDPA over the dense cache. Prefill: a windowed
+head (sink 4 + window 8 / 24 / 252) vs dense causal SDPA. Shapes: pythia-2.8b attention (32 heads of 80), the
+seed's head mix, fp16. Times are medians of synchronised calls (MPS has no graph replay: they include the launch).
+
+    python bench/mps_kernels.py --csv bench/results/mps_kernels.csv --force
+
+`--device cpu` (with HEADKV_METAL_EMULATE=1) runs the same rows through the CPU emulator of the kernels: a check
+that the script works, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import time
+
+import torch
+
+from headkv_engine import ops
+from headkv_engine.files import write_csv_atomic
+from headkv_engine.provenance import commit, processor
+from headkv_engine.quickstart import seed_mix_profile
+
+HEADS, HEAD_DIM = 32, 80
+
+
+def synchronize(device) -> None:
+    if device.type == "mps":
+        torch.mps.synchronize()
+
+
+def median_ms(fn, device, repeats: int) -> float:
+    fn()  # compiles the library on first use
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth(device, repeats: int) -> float:
+    """Copy of 256 MiB on the device: (bytes read + bytes written) / time, in bytes/s."""
+    src = torch.empty(2**28 // 2, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / (median_ms(lambda: dst.copy_(src), device, repeats) * 1e-3)
+
+
+def bench_decode(batch, context, device, copy_bw, repeats):
+    dtype = torch.float16
+    sink, window, _ = seed_mix_profile(1, HEADS, HEAD_DIM).layer_tensors(0, device=device)
+    kept = torch.minimum(torch.tensor(context, device=device), sink + window).expand(batch, HEADS).contiguous()
+    capacity = kept.flatten()
+    base = (torch.cumsum(capacity, 0) - capacity).view(batch, HEADS)
+    rows = int(capacity.sum())
+    k_pool, v_pool = (torch.randn(rows, HEAD_DIM, dtype=dtype, device=device) for _ in range(2))
+    q = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype, device=device)
+    k_dense, v_dense = (torch.randn(batch, HEADS, context, HEAD_DIM, dtype=dtype, device=device) for _ in range(2))
+    scale = HEAD_DIM**-0.5
+    ours = median_ms(lambda: ops.decode_attention(q, k_pool, v_pool, base, kept, scale=scale, backend="metal"), device,
+                     repeats)
+    dense = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k_dense, v_dense),
+                      device, repeats)
+    kept_bytes = k_pool.nbytes + v_pool.nbytes
+    return {
+        "op": "decode", "batch": batch, "context": context, "dtype": "float16", "ours_ms": ours, "sdpa_dense_ms": dense,
+        "speedup_vs_sdpa": dense / ours, "kept_kv_MB": kept_bytes / 2**20,
+        "decode_GBps": kept_bytes / (ours * 1e-3) / 1e9, "copy_GBps": copy_bw / 1e9,
+        "share_of_copy_bw": kept_bytes / (ours * 1e-3) / copy_bw,
+    }
+
+
+def bench_prefill(context, sink_size, window_size, device, repeats):
+    dtype = torch.float16
+    q, k, v = (torch.randn(1, HEADS, context, HEAD_DIM, dtype=dtype, device=device) for _ in range(3))
+    positions = torch.arange(context, device=device)[None]
+    empty = torch.zeros(0, HEAD_DIM, dtype=dtype, device=device)
+    none = torch.zeros(1, HEADS, dtype=torch.long, device=device)
+    sink = torch.full((HEADS,), sink_size, device=device)
+    window = torch.full((HEADS,), window_size, device=device)
+    args = (q, k, v, positions, empty, empty, torch.zeros(0, dtype=torch.long, device=device), none, none, sink, window)
+    scale = HEAD_DIM**-0.5
+    ours = median_ms(lambda: ops.prefill_attention(*args, scale=scale, backend="metal"), device, repeats)
+    dense = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), device,
+                      repeats)
+    return {
+        "op": f"prefill_sink{sink_size}_window{window_size}", "batch": 1, "context": context, "dtype": "float16",
+        "ours_ms": ours, "sdpa_dense_ms": dense, "speedup_vs_sdpa": dense / ours,
+        "target_speedup": 0.5 * context / (sink_size + window_size),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--prefill-contexts", type=int, nargs="*", default=[2048, 8192])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--device", default="mps")
+    parser.add_argument("--csv", default="bench/results/mps_kernels.csv")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing CSV")
+    args = parser.parse_args(argv)
+    if os.path.exists(args.csv) and not args.force:
+        raise SystemExit(f"{args.csv} exists; pass --force to overwrite it")
+    device = torch.device(args.device)
+    meta = {"date": datetime.date.today().isoformat(), "device": processor(device), "device_type": device.type,
+            "torch": torch.__version__, "commit": commit()}
+    copy_bw = copy_bandwidth(device, args.repeats)
+    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+    rows = []
+
+    def record(row):  # the CSV is rewritten (atomically) after every row: a run cut short keeps what it measured
+        rows.append({**meta, **row})
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        write_csv_atomic(args.csv, rows)
+
+    for batch in args.batches:
+        for context in args.contexts:
+            record(bench_decode(batch, context, device, copy_bw, args.repeats))
+    for context in args.prefill_contexts:
+        for sink_size, window_size in ((4, 8), (4, 24), (4, 252)):
+            record(bench_prefill(context, sink_size, window_size, device, args.repeats))
+    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s on {meta['device']}; wrote {args.csv}")
+
+
+if __name__ == "__main__":
+    main()
