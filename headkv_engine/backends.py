@@ -81,6 +81,7 @@ def _warn_auto_fallback(reason: str) -> None:
     warnings.warn(f"headkv_engine: backend 'auto' uses 'torch' because {reason}", RuntimeWarning, stacklevel=3)
 
 
+@torch.compiler.disable  # host-side choice (cached lookups Dynamo cannot trace soundly); the kernels run eagerly anyway
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn a requested backend name into the one that will run on `device`."""
     if backend not in BACKENDS:
