@@ -55,7 +55,7 @@ def metal_unavailable_reason(device: torch.device) -> str | None:
 def _metal_reason(device_type: str, emulate: bool) -> str | None:
     if device_type == "mps":
         if not hasattr(torch.mps, "compile_shader"):
-            return f"torch {torch.__version__} has no torch.mps.compile_shader (PyTorch >= 2.6 compiles Metal sources)"
+            return f"torch {torch.__version__} has no torch.mps.compile_shader (PyTorch >= 2.7 compiles Metal sources)"
         return None
     if device_type == "cpu" and emulate:
         from headkv_engine.metal_emulator import emulation_unavailable_reason  # noqa: PLC0415

@@ -8,9 +8,9 @@ import torch
 # (transformers may import it while the test modules load).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Metal kernels run on CPU through the C++ emulator of headkv_engine.metal_emulator where no Apple GPU is.
-if not torch.backends.mps.is_available():
-    os.environ.setdefault("HEADKV_METAL_EMULATE", "1")
+# Metal kernels run CPU tensors through the C++ emulator of headkv_engine.metal_emulator (the model tests on CPU);
+# on a Mac, MPS tensors still run on the GPU.
+os.environ.setdefault("HEADKV_METAL_EMULATE", "1")
 
 # tests/ holds shared helpers (reference_model.py) imported by the test modules.
 sys.path.insert(0, os.path.dirname(__file__))

@@ -201,6 +201,25 @@ def test_every_launched_kernel_is_instantiated_in_the_sources():
                 pytest.fail(f"{op}: threadgroup memory declared without HEADKV_THREADGROUP: {stripped}")
 
 
+def test_sources_are_what_pytorchs_metal_loader_takes():
+    """torch.mps.compile_shader reads a source as ASCII; its header embedding trips over `#pragma once`. Neither
+    matters to the emulator, so it is checked here."""
+    for op in ("decode", "prefill", "append"):
+        text = _metal.source(op)
+        assert text.isascii(), f"{op}: non-ASCII character at {next(i for i, c in enumerate(text) if ord(c) > 127)}"
+        assert "#pragma once" not in text
+
+
+def test_a_gpu_with_another_simd_width_is_refused(monkeypatch):
+    library = _metal.library("decode", "cpu")
+    kernel = getattr(library, _metal.kernel_name("decode", torch.float32, torch.float32))
+    monkeypatch.setattr(type(kernel), "thread_execution_width", 64)
+    q = torch.zeros(1, 1, 8)
+    index = torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="need SIMD groups of 32 lanes, this GPU runs 64"):
+        _metal.decode_attention(q, torch.zeros(1, 8), torch.zeros(1, 8), index, index, 1.0)
+
+
 # --- the emulator itself ------------------------------------------------------------------------------------
 
 EMULATOR_PROBE = textwrap.dedent("""

@@ -81,8 +81,19 @@ class EmulatedLibrary:
     def __getattr__(self, name: str):
         if name.startswith("_") or name not in self._names:
             raise AttributeError(f"the emulated Metal library has no kernel {name!r}")
-        entry = getattr(self._lib, f"headkv_run_{name}")
-        return functools.partial(_dispatch, entry, name)
+        return EmulatedKernel(getattr(self._lib, f"headkv_run_{name}"), name)
+
+
+class EmulatedKernel:
+    """One kernel: called as `kernel(*tensors, threads=..., group_size=...)`, like those of compile_shader."""
+
+    thread_execution_width = 32  # the SIMD width the emulator's reductions span, as on Apple GPUs
+
+    def __init__(self, entry, name: str):
+        self._entry, self._name = entry, name
+
+    def __call__(self, *buffers: torch.Tensor, threads, group_size) -> None:
+        _dispatch(self._entry, self._name, *buffers, threads=threads, group_size=group_size)
 
 
 def _dispatch(entry, name: str, *buffers: torch.Tensor, threads, group_size) -> None:

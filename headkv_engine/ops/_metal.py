@@ -74,6 +74,10 @@ def _launch(op: str, dtypes, groups: int | tuple, buffers) -> None:
         return
     threads_per_group = simds_per_group(op) * SIMD_WIDTH
     kernel = getattr(library(op, device.type), kernel_name(op, *dtypes))
+    width = getattr(kernel, "thread_execution_width", SIMD_WIDTH)
+    if width != SIMD_WIDTH:  # Apple GPUs run 32 lanes; an AMD GPU of an Intel Mac may not, and the kernels assume 32
+        raise RuntimeError(f"backend 'metal': the kernels need SIMD groups of {SIMD_WIDTH} lanes, this GPU runs "
+                           f"{width}; use backend='torch'")
     # threads: the whole grid (Metal's dispatchThreads), here always whole threadgroups
     threads = (groups[0] * threads_per_group, groups[1], groups[2])
     kernel(*buffers, threads=threads, group_size=(threads_per_group, 1, 1))

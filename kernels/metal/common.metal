@@ -20,8 +20,8 @@ using namespace metal;
     uint3 group [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]], \
         uint simd_index [[simdgroup_index_in_threadgroup]]
 
-// The running maximum starts finite: no infinity enters the arithmetic, whatever math mode the library was
-// compiled in (fast math may assume there is none). exp(HEADKV_NO_SCORE - s) is 0 for any real score s.
+// The running maximum starts finite, so no score is ever compared with or subtracted from an infinity (fast math,
+// which PYTORCH_MPS_FAST_MATH turns on, may assume none occurs); exp(HEADKV_NO_SCORE - s) is 0 for any real score.
 #define HEADKV_NO_SCORE (-FLT_MAX)
 
 // min / max of 64-bit indices (spelled out: the Metal library's integer min / max are not declared for long everywhere)
