@@ -201,10 +201,50 @@ def test_every_launched_kernel_is_instantiated_in_the_sources():
                 pytest.fail(f"{op}: threadgroup memory declared without HEADKV_THREADGROUP: {stripped}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "q_start, tokens_q, head_dim, sink_size, local_window, recent_ratio",
+    [(0, 80, 16, 4, 8, 0.1),  # distances past the 64 relative bins
+     (37, 21, 40, 0, 1, 0.3),  # a later query block (chunked analysis), sink 0, local window 1
+     (0, 9, 16, 2, 3, 1.0)],  # the recent region is everything
+)
+def test_head_statistics_matches_reference(dtype, q_start, tokens_q, head_dim, sink_size, local_window, recent_ratio):
+    gen = torch.Generator().manual_seed(tokens_q)
+    heads = 3
+    q = (torch.randn(heads, tokens_q, head_dim, generator=gen) * 2).to(dtype)
+    k = (torch.randn(heads, q_start + tokens_q, head_dim, generator=gen) * 2).to(dtype)
+    k[1, :2] *= 4  # one head with heavy first keys
+    kwargs = dict(scale=head_dim**-0.5, sink_size=sink_size, local_window=local_window, recent_ratio=recent_ratio)
+    want = ops.head_statistics(q.float(), k.float(), q_start, backend="torch", **kwargs)
+    got = ops.head_statistics(q.to(DEVICE), k.to(DEVICE), q_start, backend="metal", **kwargs)
+    assert set(got) == set(want)
+    assert torch.equal(got["count"], want["count"])
+    for key in want:
+        assert got[key].dtype == torch.float64 and got[key].shape == want[key].shape, key
+        torch.testing.assert_close(got[key], want[key], atol=2e-4 * max(1.0, float(want["count"][0])), rtol=1e-4,
+                                   msg=key)
+
+
+def test_analyze_with_metal_statistics_matches_the_cpu_kernel():
+    from reference_model import tiny_model  # noqa: PLC0415
+
+    import headkv_engine as hk  # noqa: PLC0415
+
+    model = tiny_model(2, 4, 16).to(DEVICE)
+    ids = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(8))
+    got = hk.analyze(model, ids, chunk_size=16, progress=False, backend="metal")
+    want = hk.analyze(model.cpu(), ids, chunk_size=16, progress=False, backend="cpu")
+    for mine, theirs in zip(got.statistics, want.statistics):
+        assert mine.num_queries == theirs.num_queries
+        assert mine.mean_entropy == pytest.approx(theirs.mean_entropy, abs=1e-4)
+        assert mine.sink_ratio == pytest.approx(theirs.sink_ratio, abs=1e-4)
+
+
 def test_sources_are_what_pytorchs_metal_loader_takes():
     """torch.mps.compile_shader reads a source as ASCII; its header embedding trips over `#pragma once`. Neither
     matters to the emulator, so it is checked here."""
-    for op in ("decode", "prefill", "append"):
+    for op in ("decode", "prefill", "append", "statistics"):
+        assert _metal.instantiated_kernels(op)
         text = _metal.source(op)
         assert text.isascii(), f"{op}: non-ASCII character at {next(i for i, c in enumerate(text) if ord(c) > 127)}"
         assert "#pragma once" not in text
@@ -283,7 +323,7 @@ def test_sources_compile_with_apples_metal_compiler():
         subprocess.run(["xcrun", "--find", "metal"], capture_output=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("xcrun metal is not installed")
-    for op in ("decode", "prefill", "append"):
+    for op in ("decode", "prefill", "append", "statistics"):
         result = subprocess.run(["xcrun", "metal", "-std=metal3.1", "-x", "metal", "-c", "-", "-o", os.devnull],
                                 input=_metal.source(op), capture_output=True, text=True)
         assert result.returncode == 0, result.stderr

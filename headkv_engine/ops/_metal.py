@@ -11,7 +11,6 @@ absent optional tensors are replaced by a buffer the kernel never reads (a flag 
 from __future__ import annotations
 
 import functools
-import itertools
 import re
 
 import torch
@@ -43,14 +42,21 @@ def simds_per_group(op: str) -> int:
 
 
 @functools.cache
+def instantiated_kernels(op: str) -> list[str]:
+    """The kernel names the op's source instantiates: a line `HEADKV_<OP>(query type, pool type)` each (one type
+    where both are the same)."""
+    found = re.findall(rf"^HEADKV_{op.upper()}\((\w+)(?:, (\w+))?\)$", source(op), flags=re.MULTILINE)
+    return [f"headkv_{op}_{query}_{pool or query}" for query, pool in found]
+
+
+@functools.cache
 def library(op: str, device_type: str):
     """The compiled kernels of one op for `device_type` ('mps', or 'cpu' for the emulator)."""
     if device_type == "mps":
         return torch.mps.compile_shader(source(op))
     from headkv_engine.metal_emulator import EmulatedLibrary  # noqa: PLC0415
 
-    names = [kernel_name(op, a, b) for a, b in itertools.product(TYPE_NAMES, repeat=2)]
-    return EmulatedLibrary(source(op), names)
+    return EmulatedLibrary(source(op), instantiated_kernels(op))
 
 
 @functools.lru_cache(maxsize=512)
@@ -145,3 +151,21 @@ def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_si
     _launch("append", (k.dtype, k_pool.dtype), (token_tiles, heads, batch), [
         k, v, positions, base, sink_size, window_size, ints, k_pool, v_pool, pos_pool,
     ])
+
+
+@torch.compiler.disable  # host-side launch: never traced, always run eagerly
+def head_statistics(q, k, recent_start, q_start, scale, sink_size, local_window, min_query, bins, fields):
+    """Sums of ops.statistics for one sequence block: fp64 rows [H, fields] on the CPU (layout: ops.statistics).
+    The kernel writes one fp32 row per query; they are added here in fp64, which MPS does not have."""
+    heads, tokens_q, head_dim = q.shape
+    check_head_dim(head_dim)
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+    q, k, recent_start = q.contiguous(), k.contiguous(), recent_start.contiguous()
+    rows = torch.empty(heads, tokens_q, fields, dtype=torch.float32, device=q.device)
+    ints = _ints((heads, head_dim, tokens_q, k.shape[1], q_start, sink_size, local_window, min_query, bins, fields),
+                 q.device)
+    query_tiles = -(-tokens_q // simds_per_group("statistics"))  # one SIMD group per query
+    _launch("statistics", (q.dtype, q.dtype), (query_tiles, heads, 1), [q, k, recent_start, ints,
+                                                                        _floats((scale,), q.device), rows])
+    return rows.cpu().double().sum(1)

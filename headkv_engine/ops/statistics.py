@@ -138,10 +138,14 @@ def head_statistics(q, k, q_start=0, *, scale, sink_size=4, local_window=8, rece
             q.contiguous(), k.contiguous(), _recent_start(q_start, tokens_q, recent_ratio, q.device), q_start,
             float(scale), sink_size, local_window, min_query, bins,
         )
-    else:
-        # (metal: the sums are float64, which MPS lacks, so neither a Metal kernel nor the reference runs there)
-        raise RuntimeError(f"head_statistics has no {kind!r} kernel; use backend='torch', 'cpu' or 'triton' (on a "
-                           "Mac: analyse on the CPU, model and inputs on device 'cpu')")
+    else:  # metal
+        from headkv_engine.ops import _metal  # noqa: PLC0415
+
+        # (the recent-region starts in fp64 on the host: MPS has no fp64)
+        recent_start = _recent_start(q_start, tokens_q, recent_ratio, "cpu").to(q.device)
+        fields = 5 + len(REGIONS) + RELATIVE_BINS + len(SINK_SIZES) + bins
+        buffer = _metal.head_statistics(q, k, recent_start, q_start, float(scale), sink_size, local_window, min_query,
+                                        bins, fields)
     return sums_from_buffer(buffer, bins)
 
 
