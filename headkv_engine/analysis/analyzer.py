@@ -109,7 +109,7 @@ def analyze(model, input_ids, *, sink_size: int = 4, local_window: int = 8, rece
     input_ids: one sequence [T], equal-length sequences [batch, T] (no padding), or a list of 1-D sequences of
     any lengths. Each sequence runs through the model body in pieces of `chunk_size` tokens with a cache; the
     statistics are means over every query at position >= sink_size + local_window of every sequence. `backend`
-    picks the statistics kernel (auto: the C++ kernel on CPU, Triton on CUDA); the model itself
+    picks the statistics kernel (auto: the C++ kernel on CPU, Triton on CUDA, Metal on MPS); the model itself
     runs unpatched.
     """
     config = model.config
