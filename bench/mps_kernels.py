@@ -1,9 +1,10 @@
-"""Apple GPU kernel benchmark: the Metal ragged decode and windowed prefill vs dense SDPA, one run, one CSV.
+"""Apple GPU kernel benchmark: the Metal kernels vs dense baselines, one run, one CSV.
 
 Decode: bandwidth = bytes of kept K/V read / time, beside the device's copy bandwidth measured in the same run
 (bytes read + written / time) and the ratio of the two; vs torch SDPA over the dense cache. Prefill: a windowed
-head (sink 4 + window 8 / 24 / 252) vs dense causal SDPA. Shapes: pythia-2.8b attention (32 heads of 80), the
-seed's head mix, fp16. Times are medians of synchronised calls (MPS has no graph replay: they include the launch).
+head (sink 4 + window 8 / 24 / 252) vs dense causal SDPA. Head statistics vs the attention-matrix method.
+Shapes: pythia-2.8b attention (32 heads of 80), the seed's head mix, fp16. Times are medians of synchronised
+calls (MPS has no graph replay: they include the launch).
 
     python bench/mps_kernels.py --csv bench/results/mps_kernels.csv --force
 
@@ -97,11 +98,30 @@ def bench_prefill(context, sink_size, window_size, device, repeats):
     }
 
 
+def bench_statistics(tokens, device, repeats, heads=12, head_dim=64):
+    """head_statistics over one sequence (pythia-160m head shape) vs the attention-matrix method (softmax of the
+    whole [H, T, T] score matrix, what output_attentions hands to an analysis); MPS has no fp64 for the reference."""
+    q, k = (torch.randn(heads, tokens, head_dim, dtype=torch.float16, device=device) for _ in range(2))
+    scale = head_dim**-0.5
+
+    def matrix():
+        scores = (q.float() @ k.float().transpose(1, 2)) * scale
+        causal = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()
+        p = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+        return -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1), p.max(-1).values.mean(-1)
+
+    ours = median_ms(lambda: ops.head_statistics(q, k, 0, scale=scale, backend="metal"), device, repeats)
+    dense = median_ms(matrix, device, repeats)
+    return {"op": f"head_statistics_h{heads}_d{head_dim}", "batch": 1, "context": tokens, "dtype": "float16",
+            "ours_ms": ours, "matrix_ms": dense}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--prefill-contexts", type=int, nargs="*", default=[2048, 8192])
+    parser.add_argument("--statistics-tokens", type=int, nargs="*", default=[2048])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--device", default="mps")
     parser.add_argument("--csv", default="bench/results/mps_kernels.csv")
@@ -127,6 +147,8 @@ def main(argv=None):
     for context in args.prefill_contexts:
         for sink_size, window_size in ((4, 8), (4, 24), (4, 252)):
             record(bench_prefill(context, sink_size, window_size, device, args.repeats))
+    for tokens in args.statistics_tokens:
+        record(bench_statistics(tokens, device, min(args.repeats, 10)))
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s on {meta['device']}; wrote {args.csv}")
 
 

@@ -335,14 +335,14 @@ def test_mps_benchmark_script_runs_through_the_emulator(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "..", "bench", "mps_kernels.py")
     out = tmp_path / "mps.csv"
     command = [sys.executable, script, "--device", "cpu", "--contexts", "64", "--batches", "2",
-               "--prefill-contexts", "16", "--repeats", "2", "--csv", str(out)]
+               "--prefill-contexts", "16", "--statistics-tokens", "24", "--repeats", "2", "--csv", str(out)]
     env = {**os.environ, "HEADKV_METAL_EMULATE": "1"}
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["op"] for r in rows] == ["decode", "prefill_sink4_window8", "prefill_sink4_window24",
-                                       "prefill_sink4_window252"]
+                                       "prefill_sink4_window252", "head_statistics_h12_d64"]
     assert rows[0]["device_type"] == "cpu" and float(rows[0]["ours_ms"]) > 0 and float(rows[0]["copy_GBps"]) > 0
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode != 0 and "pass --force to overwrite it" in again.stderr
