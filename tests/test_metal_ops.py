@@ -240,6 +240,25 @@ def test_analyze_with_metal_statistics_matches_the_cpu_kernel():
         assert mine.sink_ratio == pytest.approx(theirs.sink_ratio, abs=1e-4)
 
 
+def test_patched_model_on_the_metal_device_equals_the_masked_reference():
+    """The patched model on DEVICE (on a Mac: the GPU; the model tests of test_model.py run CPU tensors through the
+    emulator): prefill, then decode steps, against the dense per-head-masked reference."""
+    from reference_model import reference_logits, tiny_model  # noqa: PLC0415
+    from test_model import mixed_profile, stepwise_logits  # noqa: PLC0415
+
+    import headkv_engine as hk  # noqa: PLC0415
+
+    model = tiny_model(2, 4, 16)
+    ids = torch.randint(0, 97, (2, 15), generator=torch.Generator().manual_seed(9))
+    profile = mixed_profile(fill=True)
+    want = reference_logits(model, profile, ids)
+    model.to(DEVICE)
+    with hk.patch_model(model, profile, backend="metal"), torch.no_grad():
+        got, cache = stepwise_logits(model, ids.to(DEVICE), first=9)
+    assert (got.cpu() - want).abs().max() <= 1e-3
+    assert cache.backend == "metal"
+
+
 def test_sources_are_what_pytorchs_metal_loader_takes():
     """torch.mps.compile_shader reads a source as ASCII; its header embedding trips over `#pragma once`. Neither
     matters to the emulator, so it is checked here."""
