@@ -65,6 +65,33 @@ def test_decode_statistics_match_reference(dtype):
     assert not got_stats[:, 3].any()  # the pruned head: zeros
 
 
+@pytest.mark.parametrize("chunk", [16, 50, 75], ids=["partial-last-chunk", "whole-chunks", "two-chunks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_split_into_chunks_matches_reference(chunk, dtype):
+    """Heads longer than a chunk are split over threadgroups and merged by a second launch; shorter heads (and
+    threadgroups past a head's rows) take no part in the merge; the step statistics merge too."""
+    batch, head_dim = 2, 40
+    (k_pool, v_pool, pos_pool), base, length = filled_cache(batch, head_dim, seen=[150, 9], dtype=dtype, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(batch, len(SINKS), head_dim, generator=gen).to(dtype).to(DEVICE)
+    sink, _ = policy()
+    fill = torch.randn(len(SINKS), head_dim, generator=gen).to(DEVICE)
+    stats = (pos_pool, torch.tensor([150, 9], device=DEVICE), 2, 4)
+    kwargs = dict(sink_size=sink, q_sink=torch.randn_like(q), fill=fill)
+    got, got_stats = _metal.decode_attention(q, k_pool, v_pool, base, length, 0.3, stats=stats, chunk=chunk, **kwargs)
+    want, want_stats = ops.decode_attention_reference(q, k_pool, v_pool, base, length, scale=0.3, return_stats=True,
+                                                      pos_pool=pos_pool, query_position=stats[1], stat_sink=2,
+                                                      stat_local=4, **kwargs)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(got_stats, want_stats, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got[:, 3].float(), fill[3].to(dtype).float().expand(batch, -1))
+    plain = _metal.decode_attention(q, k_pool, v_pool, base, length, 0.3, chunk=chunk)
+    torch.testing.assert_close(plain.float(), ops.decode_attention_reference(q, k_pool, v_pool, base, length,
+                                                                             scale=0.3).float(),
+                               atol=TOL[dtype], rtol=TOL[dtype])
+    assert not plain[:, 3].any()
+
+
 @pytest.mark.parametrize("query_dtype,pool_dtype", [(torch.float32, torch.float16), (torch.bfloat16, torch.float32)])
 def test_pools_in_another_dtype_than_the_queries(query_dtype, pool_dtype):
     batch, head_dim, tokens = 2, 16, 9

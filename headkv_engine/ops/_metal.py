@@ -20,6 +20,7 @@ from headkv_engine.kernel_sources import kernels_dir
 TYPE_NAMES = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}
 SIMD_WIDTH = 32
 MAX_HEAD_DIM = 256
+DECODE_CHUNK_ROWS = 512  # rows per decode threadgroup: a head of more is split (4 SIMD groups x 128 rows)
 
 
 @functools.cache
@@ -33,20 +34,25 @@ def kernel_name(op: str, query_dtype: torch.dtype, pool_dtype: torch.dtype) -> s
 
 
 @functools.cache
-def simds_per_group(op: str) -> int:
-    """SIMD groups per threadgroup, as the op's source defines them (<OP>_SIMDS)."""
-    found = re.search(rf"#define {op.upper()}_SIMDS (\d+)", source(op))
+def defined(op: str, name: str) -> int:
+    """An integer the op's source #defines (the sizes the launcher must agree with)."""
+    found = re.search(rf"^#define {name} (\d+)", source(op), flags=re.MULTILINE)
     if found is None:
-        raise RuntimeError(f"kernels/metal/{op}.metal defines no {op.upper()}_SIMDS")
+        raise RuntimeError(f"kernels/metal/{op}.metal defines no {name}")
     return int(found.group(1))
+
+
+def simds_per_group(op: str) -> int:
+    """SIMD groups per threadgroup (<OP>_SIMDS)."""
+    return defined(op, f"{op.upper()}_SIMDS")
 
 
 @functools.cache
 def instantiated_kernels(op: str) -> list[str]:
-    """The kernel names the op's source instantiates: a line `HEADKV_<OP>(query type, pool type)` each (one type
-    where both are the same)."""
-    found = re.findall(rf"^HEADKV_{op.upper()}\((\w+)(?:, (\w+))?\)$", source(op), flags=re.MULTILINE)
-    return [f"headkv_{op}_{query}_{pool or query}" for query, pool in found]
+    """The kernel names the op's source instantiates: a line `HEADKV_<KERNEL>(query type, pool type)` each (one type
+    where both are the same), named headkv_<kernel>_<query type>_<pool type>."""
+    found = re.findall(r"^HEADKV_(\w+)\((\w+)(?:, (\w+))?\)$", source(op), flags=re.MULTILINE)
+    return [f"headkv_{kernel.lower()}_{query}_{pool or query}" for kernel, query, pool in found]
 
 
 @functools.cache
@@ -73,13 +79,14 @@ def _floats(values, device) -> torch.Tensor:
     return _constants(tuple(float(v) for v in values), torch.float32, device)
 
 
-def _launch(op: str, dtypes, groups: int | tuple, buffers) -> None:
+def _launch(op: str, dtypes, groups: int | tuple, buffers, name: str | None = None) -> None:
+    """Run kernel headkv_<name or op>_<types> of the op's library over `groups` threadgroups."""
     device = buffers[0].device
     groups = (groups, 1, 1) if isinstance(groups, int) else groups
     if 0 in groups:
         return
     threads_per_group = simds_per_group(op) * SIMD_WIDTH
-    kernel = getattr(library(op, device.type), kernel_name(op, *dtypes))
+    kernel = getattr(library(op, device.type), kernel_name(name or op, *dtypes))
     width = getattr(kernel, "thread_execution_width", SIMD_WIDTH)
     if width != SIMD_WIDTH:  # Apple GPUs run 32 lanes; an AMD GPU of an Intel Mac may not, and the kernels assume 32
         raise RuntimeError(f"backend 'metal': the kernels need SIMD groups of {SIMD_WIDTH} lanes, this GPU runs "
@@ -95,12 +102,20 @@ def check_head_dim(head_dim: int) -> None:
 
 
 @torch.compiler.disable  # host-side launch: never traced, always run eagerly
-def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_sink=None, fill=None, stats=None):
-    """stats: None, or (pos_pool [N], query_position [B], stat_sink, stat_local); then returns (out, [B, H, 3])."""
+def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_sink=None, fill=None, stats=None,
+                     max_length=None, chunk=DECODE_CHUNK_ROWS):
+    """stats: None, or (pos_pool [N], query_position [B], stat_sink, stat_local); then returns (out, [B, H, 3]).
+
+    max_length: an upper bound of `length` known on the host (else read from the device). Heads of more than
+    `chunk` rows are split into chunks of that many (one threadgroup each), merged by a second launch.
+    """
     batch, heads, head_dim = q.shape
     check_head_dim(head_dim)
     q, k_pool, v_pool = q.contiguous(), k_pool.contiguous(), v_pool.contiguous()
     base, length = base.contiguous(), length.contiguous()
+    max_len = max_length if max_length is not None else (int(length.max()) if length.numel() else 0)
+    num_chunks = max(1, -(-max_len // chunk))
+    split = num_chunks > 1
     out = torch.empty_like(q)
     floats = _floats((scale,), q.device)
     stat_sink, stat_local = 4, 8
@@ -110,13 +125,22 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
         pos_pool, query_position, stat_sink, stat_local = stats
         pos_pool, query_position = pos_pool.contiguous(), query_position.contiguous()
         stats_out = torch.empty(batch, heads, 3, dtype=torch.float32, device=q.device)
-    ints = _ints((heads, head_dim, q_sink is not None, fill is not None, stats is not None, stat_sink, stat_local),
-                 q.device)
-    _launch("decode", (q.dtype, k_pool.dtype), batch * heads, [
+    chunk_state = chunk_acc = floats  # never written unless split
+    if split:
+        state_size = defined("decode", "DECODE_STATE")  # m, l and the statistics' three sums
+        chunk_state = torch.empty(batch * heads, num_chunks, state_size, dtype=torch.float32, device=q.device)
+        chunk_acc = torch.empty(batch * heads, num_chunks, head_dim, dtype=torch.float32, device=q.device)
+    ints = _ints((heads, head_dim, q_sink is not None, fill is not None, stats is not None, stat_sink, stat_local,
+                  chunk if split else max(1, max_len), split, num_chunks), q.device)
+    fill = floats if fill is None else fill.float().contiguous()
+    _launch("decode", (q.dtype, k_pool.dtype), (batch * heads, num_chunks, 1), [
         q, q if q_sink is None else q_sink.contiguous(), k_pool, v_pool, base, length,
-        base if sink_size is None else sink_size.contiguous(), floats if fill is None else fill.float().contiguous(),
-        pos_pool, query_position, ints, floats, out, stats_out,
+        base if sink_size is None else sink_size.contiguous(), fill, pos_pool, query_position, ints, floats, out,
+        stats_out, chunk_state, chunk_acc,
     ])
+    if split:
+        _launch("decode", (q.dtype, q.dtype), batch * heads, [length, fill, chunk_state, chunk_acc, ints, out,
+                                                                stats_out], name="decode_merge")
     return out if stats is None else (out, stats_out)
 
 

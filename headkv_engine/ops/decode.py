@@ -113,6 +113,6 @@ def decode_attention(
     stats = (pos_pool, query_position, stat_sink, stat_local) if return_stats else None
     if kind == "metal":
         return _metal.decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=sink_size, q_sink=q_sink,
-                                       fill=fill, stats=stats)
+                                       fill=fill, stats=stats, max_length=max_length)
     return _cpu.decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=sink_size, q_sink=q_sink, fill=fill,
                                  stats=stats)
