@@ -81,44 +81,40 @@ def _warn_auto_fallback(reason: str) -> None:
     warnings.warn(f"headkv_engine: backend 'auto' uses 'torch' because {reason}", RuntimeWarning, stacklevel=3)
 
 
+# what `auto` picks per device type
+AUTO_BACKENDS = {"cpu": "cpu", "cuda": "triton", "mps": "metal"}
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None when the kernel backend `backend` (cpu, triton, metal) can run on `device`, else why not."""
+    if backend == "cpu":
+        return cpu_unavailable_reason()
+    if backend == "triton":
+        return triton_unavailable_reason(device)
+    return metal_unavailable_reason(device)
+
+
 @torch.compiler.disable  # host-side choice (cached lookups Dynamo cannot trace soundly); the kernels run eagerly anyway
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn a requested backend name into the one that will run on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cpu":
-            reason = cpu_unavailable_reason()
-            if reason is None:
-                return "cpu"
-            _warn_auto_fallback(reason)
+        chosen = AUTO_BACKENDS.get(device.type)
+        if chosen is None:
+            _warn_auto_fallback(f"no kernel backend serves {device.type} devices in this build")
             return "torch"
-        if device.type == "cuda":
-            reason = triton_unavailable_reason(device)
-            if reason is None:
-                return "triton"
-            _warn_auto_fallback(reason)
-            return "torch"
-        if device.type == "mps":
-            reason = metal_unavailable_reason(device)
-            if reason is None:
-                return "metal"
-            _warn_auto_fallback(reason)
-            return "torch"
-        _warn_auto_fallback(f"no kernel backend serves {device.type} devices in this build")
+        reason = unavailable_reason(chosen, device)
+        if reason is None:
+            return chosen
+        _warn_auto_fallback(reason)
         return "torch"
-    if backend == "cpu":
-        reason = cpu_unavailable_reason()
-        if reason is not None:
-            raise RuntimeError(f"backend 'cpu' is unavailable: {reason}. Reinstall with `pip install .`")
-        if device.type != "cpu":
-            raise ValueError(f"backend 'cpu' needs CPU tensors, got device {device}")
-    if backend == "triton":
-        reason = triton_unavailable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"backend 'triton' is unavailable: {reason}")
-    if backend == "metal":
-        reason = metal_unavailable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"backend 'metal' is unavailable: {reason}")
+    if backend == "torch":
+        return backend
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        hint = ". Reinstall with `pip install .`" if backend == "cpu" else ""
+        raise RuntimeError(f"backend {backend!r} is unavailable: {reason}{hint}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors, got device {device}")
     return backend

@@ -173,24 +173,8 @@ def test_autotuned_decode_tries_every_config_and_matches_reference(monkeypatch, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cached", [False, True], ids=["empty-cache", "cached-prefix"])
 def test_prefill_matches_reference(dtype, cached):
-    batch, head_dim, tokens = 2, 16, 37
-    seen = [20, 13] if cached else [0, 0]
-    if cached:
-        (k_pool, v_pool, pos_pool), base, length = filled_cache(batch, head_dim, seen=seen, dtype=dtype)
-    else:
-        k_pool = v_pool = torch.zeros(0, head_dim, dtype=dtype, device=DEVICE)
-        pos_pool = torch.zeros(0, dtype=torch.long, device=DEVICE)
-        base = length = torch.zeros(batch, len(SINKS), dtype=torch.long, device=DEVICE)
-    gen = torch.Generator().manual_seed(2)
-    q, k, v, q_sink = (torch.randn(batch, len(SINKS), tokens, head_dim, generator=gen).to(dtype).to(DEVICE)
-                       for _ in range(4))
-    pad = 6  # the second sequence is left-padded
-    positions = torch.stack([
-        torch.arange(seen[0], seen[0] + tokens),
-        torch.cat([torch.full((pad,), -1), torch.arange(seen[1], seen[1] + tokens - pad)]),
-    ]).to(DEVICE)
-    sink, window = policy()
-    args = (q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink, window)
+    head_dim = 16
+    args, q_sink, fill = kernel_cases.prefill_case(2, head_dim, 37, cached, dtype, DEVICE)
     kwargs = dict(scale=head_dim**-0.5, q_sink=q_sink)
     got = ops.prefill_attention(*args, backend="triton", **kwargs)
     want = ops.prefill_attention_reference(*args, **kwargs)
