@@ -78,7 +78,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 @functools.cache
 def _warn_auto_fallback(reason: str) -> None:
-    warnings.warn(f"headkv_engine: backend 'auto' uses 'torch' because {reason}", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"headkv_engine: backend 'auto' uses 'torch' because {reason}", RuntimeWarning, stacklevel=4)
 
 
 # what `auto` picks per device type
@@ -94,11 +94,17 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     return metal_unavailable_reason(device)
 
 
-@torch.compiler.disable  # host-side choice (cached lookups Dynamo cannot trace soundly); the kernels run eagerly anyway
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn a requested backend name into the one that will run on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return backend  # (traced by torch.compile without a graph break)
+    return _resolve_kernel_backend(backend, device)
+
+
+@torch.compiler.disable  # host-side choice (cached lookups Dynamo cannot trace soundly); the kernels run eagerly anyway
+def _resolve_kernel_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         chosen = AUTO_BACKENDS.get(device.type)
         if chosen is None:
@@ -109,8 +115,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return chosen
         _warn_auto_fallback(reason)
         return "torch"
-    if backend == "torch":
-        return backend
     reason = unavailable_reason(backend, device)
     if reason is not None:
         hint = ". Reinstall with `pip install .`" if backend == "cpu" else ""

@@ -18,10 +18,13 @@ import torch
 from kernel_cases import SINKS
 
 from headkv_engine import backends, ops
-from headkv_engine.metal_emulator import EmulatedLibrary
+from headkv_engine.metal_emulator import EmulatedLibrary, emulation_unavailable_reason
 from headkv_engine.ops import _metal
 
 DEVICE = "mps" if torch.backends.mps.is_available() else "cpu"
+# Without an Apple GPU the kernels run through the emulator, which needs a C++ compiler (CI always has one).
+pytestmark = pytest.mark.skipif(emulation_unavailable_reason() is not None and os.environ.get("CI") != "true",
+                                reason="no C++ compiler for the Metal emulator")
 TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 policy = functools.partial(kernel_cases.policy, device=DEVICE)
 filled_cache = functools.partial(kernel_cases.filled_cache, device=DEVICE)
@@ -199,12 +202,18 @@ def test_head_dim_above_the_kernels_limit_is_refused():
 
 def test_every_launched_kernel_is_instantiated_in_the_sources():
     """The launcher names a kernel per (query dtype, pool dtype); each source instantiates all nine (bfloat under
-    Metal 3.1), and declares its threadgroup memory through HEADKV_THREADGROUP (shared in the emulator too)."""
-    for op in ("decode", "prefill", "append"):
+    Metal 3.1) or, for one-dtype kernels, all three, and declares its threadgroup memory through
+    HEADKV_THREADGROUP (shared in the emulator too)."""
+    types = list(_metal.TYPE_NAMES.values())
+    pairs = [(a, b) for a in types for b in types]
+    for op, kernel, combos in (("decode", "decode", pairs), ("decode", "decode_merge", [(t, t) for t in types]),
+                               ("prefill", "prefill", pairs), ("append", "append", pairs),
+                               ("statistics", "statistics", [(t, t) for t in types])):
+        names = _metal.instantiated_kernels(op)
+        for query, pool in combos:
+            assert f"headkv_{kernel}_{query}_{pool}" in names
+    for op in ("decode", "prefill", "append", "statistics"):
         text = _metal.source(op)
-        for query in _metal.TYPE_NAMES.values():
-            for pool in _metal.TYPE_NAMES.values():
-                assert f"HEADKV_{op.upper()}({query}, {pool})" in text
         for line in text.splitlines():
             stripped = line.strip()
             if stripped.startswith("threadgroup ") and "[" in stripped and "(" not in stripped:
@@ -269,6 +278,59 @@ def test_patched_model_on_the_metal_device_equals_the_masked_reference():
     assert cache.backend == "metal"
 
 
+def test_statistics_kernel_writes_the_layout_of_the_other_backends():
+    from headkv_engine.ops import statistics  # noqa: PLC0415
+
+    regions_at = 5
+    relative_at = regions_at + len(statistics.REGIONS)
+    sinks_at = relative_at + statistics.RELATIVE_BINS
+    log2_at = sinks_at + len(statistics.SINK_SIZES)
+    for name, want in (("STATISTICS_REGIONS_AT", regions_at), ("STATISTICS_RELATIVE_AT", relative_at),
+                       ("STATISTICS_RELATIVE_BINS", statistics.RELATIVE_BINS), ("STATISTICS_SINKS_AT", sinks_at),
+                       ("STATISTICS_LOG2_AT", log2_at)):
+        assert _metal.defined("statistics", name) == want, name
+    # the fields of the longest sequence an int32 distance allows fit the kernel's threadgroup rows
+    assert log2_at + statistics.log2_bins(2**31 - 1) <= _metal.defined("statistics", "STATISTICS_MAX_FIELDS")
+
+
+def test_edge_shapes_match_reference():
+    """head_dim 256 (8 dimensions per lane); a head longer than a decode chunk through the dispatcher; a
+    max_length hint below the real length cuts every head at the hint, split or not; a prefill row that is all
+    padding; head statistics with min_query inside the block and with no query."""
+    gen = torch.Generator().manual_seed(12)
+    (k_pool, v_pool, _), base, length = filled_cache(1, 256, seen=[600], dtype=torch.float32, seed=12)
+    q = torch.randn(1, len(SINKS), 256, generator=gen).to(DEVICE)
+    got = ops.decode_attention(q, k_pool, v_pool, base, length, scale=0.06, backend="metal")  # 600 rows: split
+    torch.testing.assert_close(got, ops.decode_attention_reference(q, k_pool, v_pool, base, length, scale=0.06),
+                               atol=2e-5, rtol=2e-5)
+    cut = torch.minimum(length, torch.tensor(40, device=DEVICE))
+    want = ops.decode_attention_reference(q, k_pool, v_pool, base, cut, scale=0.06)
+    for chunk in (512, 16):  # one chunk, and split into chunks that do not end at the hint
+        short = _metal.decode_attention(q, k_pool, v_pool, base, length, 0.06, max_length=40, chunk=chunk)
+        torch.testing.assert_close(short, want, atol=2e-5, rtol=2e-5)
+
+    k = torch.randn(2, len(SINKS), 5, 16, generator=gen).to(DEVICE)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [-1, -1, -1, -1, -1]], device=DEVICE)
+    empty = torch.zeros(0, 16, device=DEVICE)
+    none = torch.zeros(2, len(SINKS), dtype=torch.long, device=DEVICE)
+    fill = torch.randn(len(SINKS), 16, generator=gen).to(DEVICE)
+    args = (k, k, k, positions, empty, empty, none[0, :0].clone(), none, none, *policy())
+    got = ops.prefill_attention(*args, scale=0.25, fill=fill, backend="metal")
+    torch.testing.assert_close(got, ops.prefill_attention_reference(*args, scale=0.25, fill=fill), atol=2e-5,
+                               rtol=2e-5)
+    assert torch.equal(got[1], fill[:, None, :].expand(-1, 5, -1))
+
+    q, k = torch.randn(2, 6, 16, generator=gen).to(DEVICE), torch.randn(2, 26, 16, generator=gen).to(DEVICE)
+    kwargs = dict(scale=0.25, sink_size=2, local_window=3, min_query=23)  # queries 20..25: the first three skipped
+    got = ops.head_statistics(q, k, 20, backend="metal", **kwargs)
+    want = ops.head_statistics(q.cpu(), k.cpu(), 20, backend="torch", **kwargs)
+    assert got["count"].tolist() == [3.0, 3.0]
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4, msg=key)
+    none = ops.head_statistics(q[:, :0], k[:, :20], 20, backend="metal", **kwargs)
+    assert not any(value.any() for value in none.values())
+
+
 def test_sources_are_what_pytorchs_metal_loader_takes():
     """torch.mps.compile_shader reads a source as ASCII; its header embedding trips over `#pragma once`. Neither
     matters to the emulator, so it is checked here."""
@@ -310,8 +372,6 @@ EMULATOR_PROBE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(backends.metal_unavailable_reason(torch.device("cpu")) is not None and DEVICE == "cpu",
-                    reason="no C++ compiler for the emulator")
 def test_emulator_reduces_over_the_lanes_of_partial_simd_groups_and_shares_threadgroup_memory():
     """40 threads per group: SIMD groups of 32 and 8 lanes; simd_sum / simd_max cover exactly the live lanes,
     and the threadgroup array is one per group (two groups run in turn)."""
@@ -327,6 +387,51 @@ def test_emulator_reduces_over_the_lanes_of_partial_simd_groups_and_shares_threa
         library.probe(x, out, threads=(70,), group_size=(40,))
     with pytest.raises(AttributeError, match="no kernel 'missing'"):
         library.missing  # noqa: B018
+
+
+MISSING_BARRIER_PROBE = textwrap.dedent("""
+    #include <metal_stdlib>
+    using namespace metal;
+    kernel void handoff(device float* out [[buffer(0)]], device const long* with_barrier [[buffer(1)]],
+                        uint3 group [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]],
+                        uint simd [[simdgroup_index_in_threadgroup]]) {
+        HEADKV_THREADGROUP float value[1];
+        if (simd == 1 && lane == 0) value[0] = float(group.x + 1);
+        if (with_barrier[0] != 0) threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (simd == 0 && lane == 0) out[group.x] = value[0];
+    }
+""")
+
+
+def test_emulator_exposes_a_missing_threadgroup_barrier_every_time():
+    """SIMD groups run one after another between barriers: SIMD group 0 reading what SIMD group 1 writes, without a
+    barrier between, sees the value from before (here: of the previous threadgroup), not by chance but always."""
+    library = EmulatedLibrary(MISSING_BARRIER_PROBE, ["handoff"])
+    out = torch.zeros(3)
+    library.handoff(out, torch.tensor([1]), threads=(192,), group_size=(64,))
+    assert out.tolist() == [1.0, 2.0, 3.0]
+    for _ in range(3):
+        library.handoff(out, torch.tensor([0]), threads=(192,), group_size=(64,))
+        assert out.tolist() == [3.0, 1.0, 2.0]  # each group read the value its predecessor left
+
+
+def test_emulated_launches_from_several_threads_do_not_mix():
+    """ctypes releases the GIL: two Python threads launching at once share the (static) threadgroup memory, so the
+    emulator runs one launch at a time."""
+    import concurrent.futures  # noqa: PLC0415
+
+    (k_pool, v_pool, _), base, length = filled_cache(2, 24, seen=[150, 9], dtype=torch.float32)
+    qs = [torch.randn(2, len(SINKS), 24, generator=torch.Generator().manual_seed(i)).to(DEVICE) for i in range(2)]
+    wants = [ops.decode_attention_reference(q, k_pool, v_pool, base, length, scale=0.3) for q in qs]
+
+    def run(i):
+        return [_metal.decode_attention(qs[i], k_pool, v_pool, base, length, 0.3) for _ in range(4)]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, range(2)))
+    for got, want in zip(results, wants):
+        for out in got:
+            torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
 
 
 def test_metal_backend_needs_mps_or_the_emulator(monkeypatch):
@@ -364,7 +469,7 @@ def test_mps_benchmark_script_runs_through_the_emulator(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "..", "bench", "mps_kernels.py")
     out = tmp_path / "mps.csv"
     command = [sys.executable, script, "--device", "cpu", "--contexts", "64", "--batches", "2",
-               "--prefill-contexts", "16", "--statistics-tokens", "24", "--repeats", "2", "--csv", str(out)]
+               "--prefill-contexts", "16", "--statistics-tokens", "24", "--repeats", "1", "--csv", str(out)]
     env = {**os.environ, "HEADKV_METAL_EMULATE": "1"}
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

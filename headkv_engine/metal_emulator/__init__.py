@@ -3,8 +3,11 @@
 `EmulatedLibrary(source, kernel_names)` compiles a kernel source with a C++ compiler against this folder's
 `metal_stdlib` (the subset of the Metal Shading Language the kernels use, as C++20) and `launch.h` (the
 dispatch), and answers like the library `torch.mps.compile_shader` returns: `library.<kernel>(*tensors,
-threads=..., group_size=...)`. The threadgroups run one after another, the threads of each as real threads, so
-barriers and SIMD-group reductions synchronise as on the GPU. It is slow: for tests of small shapes.
+threads=..., group_size=...)`. The threadgroups run one after another, the threads of each as real threads:
+barriers and SIMD-group reductions synchronise them, and between two barriers the SIMD groups take turns, so a
+kernel that reads another SIMD group's threadgroup memory without a barrier reads it stale every time. What it
+cannot show: out-of-bounds reads (no bounds checks), fast-math rounding, and a lane that never reaches a SIMD-group
+reduction hangs. It is slow: for tests of small shapes. Compiled kernels are cached per user (cache_dir()).
 
 The metal backend uses it for CPU tensors when HEADKV_METAL_EMULATE=1 (as Triton's interpreter serves CPU
 tensors under TRITON_INTERPRET=1).
@@ -47,6 +50,15 @@ def _glue(kernel_names) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cache_dir() -> pathlib.Path:
+    """Where compiled kernels are kept: $XDG_CACHE_HOME (or ~/.cache)/headkv_engine/metal_emulator, private to the
+    user (a shared temporary folder would let another user plant a library that this process then loads)."""
+    root = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    folder = root / "headkv_engine" / "metal_emulator"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
+
+
 @functools.cache
 def _build(source: str, kernel_names: tuple[str, ...]) -> ctypes.CDLL:
     cxx = compiler()
@@ -54,9 +66,9 @@ def _build(source: str, kernel_names: tuple[str, ...]) -> ctypes.CDLL:
         raise RuntimeError(emulation_unavailable_reason())
     unit = source + "\n" + _glue(kernel_names)
     shim = (HERE / "metal_stdlib").read_text() + (HERE / "launch.h").read_text()
-    key = hashlib.sha256("\0".join([unit, shim, cxx, *COMPILER_FLAGS]).encode()).hexdigest()[:20]
-    cache = pathlib.Path(tempfile.gettempdir()) / f"headkv_metal_emulator_{os.getuid()}"
-    cache.mkdir(exist_ok=True)
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([unit, shim, cxx, version, *COMPILER_FLAGS]).encode()).hexdigest()[:24]
+    cache = cache_dir()
     library = cache / f"{key}.so"
     if not library.exists():
         with tempfile.TemporaryDirectory(dir=cache) as work:

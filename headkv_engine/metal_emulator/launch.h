@@ -12,7 +12,8 @@ void invoke(void (*fn)(P...), void* const* buffers, uint3 group, uint lane, uint
 }
 
 // dims: threadgroups along x, y, z, then threads per threadgroup. One worker per thread of a threadgroup runs the
-// threadgroups in turn; a launch-wide barrier between them keeps the (static) threadgroup memory to one group.
+// threadgroups in turn; a launch-wide barrier between them keeps the (static) threadgroup memory to one group, and
+// one launch runs at a time in the process (ctypes lets other Python threads launch meanwhile).
 template <typename... P>
 void launch(void (*fn)(P...), void* const* buffers, const unsigned* dims) {
     static_assert(sizeof...(P) >= 3, "a kernel ends with its three built-in arguments");
@@ -20,6 +21,8 @@ void launch(void (*fn)(P...), void* const* buffers, const unsigned* dims) {
     const uint threads = dims[3];
     const size_t groups = size_t(dims[0]) * dims[1] * dims[2];
     if (groups == 0 || threads == 0) return;
+    static std::mutex one_launch_at_a_time;
+    std::lock_guard<std::mutex> hold(one_launch_at_a_time);
     std::vector<std::unique_ptr<Group>> states;
     states.reserve(groups);
     for (size_t g = 0; g < groups; ++g) states.emplace_back(new Group(threads));
@@ -31,6 +34,7 @@ void launch(void (*fn)(P...), void* const* buffers, const unsigned* dims) {
             for (size_t g = 0; g < groups; ++g) {
                 const uint3 position{uint(g % dims[0]), uint(g / dims[0] % dims[1]), uint(g / dims[0] / dims[1])};
                 current = Lane{states[g].get(), t / SIMD_WIDTH, t % SIMD_WIDTH};
+                states[g]->start(t / SIMD_WIDTH);
                 invoke(fn, buffers, position, t % SIMD_WIDTH, t / SIMD_WIDTH,
                        std::make_index_sequence<buffer_count>{});
                 states[g]->leave(t);

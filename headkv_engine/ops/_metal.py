@@ -79,6 +79,13 @@ def _floats(values, device) -> torch.Tensor:
     return _constants(tuple(float(v) for v in values), torch.float32, device)
 
 
+@functools.lru_cache(maxsize=16)
+def _unused_output(device: torch.device) -> torch.Tensor:
+    """Bound where a kernel has an output it does not write in this call (a flag in `ints` says so): never one of
+    the cached constants, which a write would corrupt for every later call."""
+    return torch.zeros(1, dtype=torch.float32, device=device)
+
+
 def _launch(op: str, dtypes, groups: int | tuple, buffers, name: str | None = None) -> None:
     """Run kernel headkv_<name or op>_<types> of the op's library over `groups` threadgroups."""
     device = buffers[0].device
@@ -86,7 +93,14 @@ def _launch(op: str, dtypes, groups: int | tuple, buffers, name: str | None = No
     if 0 in groups:
         return
     threads_per_group = simds_per_group(op) * SIMD_WIDTH
-    kernel = getattr(library(op, device.type), kernel_name(name or op, *dtypes))
+    kernel_id = kernel_name(name or op, *dtypes)
+    if kernel_id not in instantiated_kernels(op):
+        raise RuntimeError(f"kernels/metal/{op}.metal has no kernel {kernel_id}")
+    try:
+        kernel = getattr(library(op, device.type), kernel_id)
+    except (AttributeError, RuntimeError) as exc:  # bfloat kernels exist from Metal 3.1 (macOS 14) on
+        raise RuntimeError(f"backend 'metal': this Metal version has no {kernel_id} ({exc}); bfloat16 needs "
+                           "macOS 14, other dtypes work everywhere") from exc
     width = getattr(kernel, "thread_execution_width", SIMD_WIDTH)
     if width != SIMD_WIDTH:  # Apple GPUs run 32 lanes; an AMD GPU of an Intel Mac may not, and the kernels assume 32
         raise RuntimeError(f"backend 'metal': the kernels need SIMD groups of {SIMD_WIDTH} lanes, this GPU runs "
@@ -106,8 +120,9 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
                      max_length=None, chunk=DECODE_CHUNK_ROWS):
     """stats: None, or (pos_pool [N], query_position [B], stat_sink, stat_local); then returns (out, [B, H, 3]).
 
-    max_length: an upper bound of `length` known on the host (else read from the device). Heads of more than
-    `chunk` rows are split into chunks of that many (one threadgroup each), merged by a second launch.
+    max_length: an upper bound of `length` known on the host (else read from the device; a head is cut at it,
+    as the Triton launch cuts it). When a head has more than `chunk` rows, every head of the call is split into
+    chunks of that many (one threadgroup each) and merged by a second launch.
     """
     batch, heads, head_dim = q.shape
     check_head_dim(head_dim)
@@ -120,18 +135,18 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
     floats = _floats((scale,), q.device)
     stat_sink, stat_local = 4, 8
     pos_pool = query_position = base
-    stats_out = floats  # never written without stats
+    stats_out = _unused_output(q.device)
     if stats is not None:
         pos_pool, query_position, stat_sink, stat_local = stats
         pos_pool, query_position = pos_pool.contiguous(), query_position.contiguous()
         stats_out = torch.empty(batch, heads, 3, dtype=torch.float32, device=q.device)
-    chunk_state = chunk_acc = floats  # never written unless split
+    chunk_state = chunk_acc = _unused_output(q.device)
     if split:
         state_size = defined("decode", "DECODE_STATE")  # m, l and the statistics' three sums
         chunk_state = torch.empty(batch * heads, num_chunks, state_size, dtype=torch.float32, device=q.device)
         chunk_acc = torch.empty(batch * heads, num_chunks, head_dim, dtype=torch.float32, device=q.device)
     ints = _ints((heads, head_dim, q_sink is not None, fill is not None, stats is not None, stat_sink, stat_local,
-                  chunk if split else max(1, max_len), split, num_chunks), q.device)
+                  chunk if split else max(1, max_len), split, num_chunks, max_len), q.device)
     fill = floats if fill is None else fill.float().contiguous()
     _launch("decode", (q.dtype, k_pool.dtype), (batch * heads, num_chunks, 1), [
         q, q if q_sink is None else q_sink.contiguous(), k_pool, v_pool, base, length,
@@ -186,6 +201,9 @@ def head_statistics(q, k, recent_start, q_start, scale, sink_size, local_window,
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
     q, k, recent_start = q.contiguous(), k.contiguous(), recent_start.contiguous()
+    if fields > defined("statistics", "STATISTICS_MAX_FIELDS"):
+        raise ValueError(f"head_statistics: {fields} fields exceed the Metal kernel's "
+                         f"{defined('statistics', 'STATISTICS_MAX_FIELDS')}")
     rows = torch.empty(heads, tokens_q, fields, dtype=torch.float32, device=q.device)
     ints = _ints((heads, head_dim, tokens_q, k.shape[1], q_start, sink_size, local_window, min_query, bins, fields),
                  q.device)

@@ -1,13 +1,14 @@
 // Metal decode: one new query per (sequence, head) over that head's kept rows of the ragged pools.
 // Semantics: headkv_engine/ops/decode.py. Work items are (sequence-head, chunk of DECODE rows): a threadgroup's
 // DECODE_SIMDS SIMD groups take every DECODE_SIMDS-th row of its chunk, each with an online softmax, and merge
-// through threadgroup memory. A head of one chunk (every window head) is finished there; when some head spans more
-// chunks (a long full head, split so that it spreads over the GPU and no threadgroup waits on it alone), each
-// chunk writes its partial softmax and headkv_decode_merge_* combines a head's chunks (flash-decoding's split-K).
+// through threadgroup memory. When every head fits one chunk, that is the result; when some head spans more chunks
+// (a long full head, split so that it spreads over the GPU and no threadgroup waits on it alone), each chunk of
+// every head writes its partial softmax and headkv_decode_merge_* combines them (flash-decoding's split-K).
 // A head with no kept row writes its fill (guard 0/0).
 //
 // ints: heads, head_dim, has_qsink, has_fill, with_stats, stat_sink, stat_local, chunk_rows, split (0: one chunk
-// per head, results written directly; 1: partials, then the merge), num_chunks. floats: scale.
+// per head, results written directly; 1: partials, then the merge), num_chunks, max_rows (rows past it are not
+// read: the host's bound of the lengths). floats: scale.
 // With stats, `stats` [B, H, 3] gets the step's entropy, sink mass (positions < stat_sink) and local mass
 // (positions > query_position - stat_local); the entropy accumulates online: log Z - sum(p * s).
 
@@ -50,7 +51,7 @@ void decode_body(device const TQ* q, device const TQ* q_sink, device const TKV* 
     const bool split = ints[8] != 0;
     const float scale = floats[0];
     const long bh = group.x, b = bh / heads, h = bh % heads, chunk = group.y;
-    const long start = base[bh], rows = length[bh];
+    const long start = base[bh], rows = min_index(length[bh], ints[10]);
     const long first_row = chunk * chunk_rows, end_row = min_index(rows, first_row + chunk_rows);
     if (split && first_row >= rows) return;  // past this head's rows (the whole threadgroup, before any barrier)
 
@@ -127,7 +128,7 @@ void decode_merge_body(device const long* length, device const float* fill, devi
                        uint3 group, uint lane, uint simd_index) {
     const long heads = ints[0], head_dim = ints[1], chunk_rows = ints[7], num_chunks = ints[9];
     const bool has_fill = ints[3] != 0, with_stats = ints[4] != 0;
-    const long bh = group.x, h = bh % heads, rows = length[bh];
+    const long bh = group.x, h = bh % heads, rows = min_index(length[bh], ints[10]);
     const uint thread_id = simd_index * HEADKV_SIMD_WIDTH + lane;
     device TQ* out_row = out + bh * head_dim;
     if (rows == 0) {
