@@ -385,6 +385,8 @@ def test_emulator_reduces_over_the_lanes_of_partial_simd_groups_and_shares_threa
         torch.testing.assert_close(out[g * 40 : (g + 1) * 40], want, atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="whole multiples of group_size"):
         library.probe(x, out, threads=(70,), group_size=(40,))
+    with pytest.raises(ValueError, match="probe takes 2 buffers, got 1"):
+        library.probe(x, threads=(80,), group_size=(40,))
     with pytest.raises(AttributeError, match="no kernel 'missing'"):
         library.missing  # noqa: B018
 

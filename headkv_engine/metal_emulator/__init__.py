@@ -47,6 +47,7 @@ def _glue(kernel_names) -> str:
     for name in kernel_names:
         lines.append(f'extern "C" void headkv_run_{name}(void* const* buffers, const unsigned* dims) '
                      f"{{ headkv_emu::launch(&{name}, buffers, dims); }}")
+        lines.append(f'extern "C" unsigned headkv_buffers_{name}() {{ return headkv_emu::buffer_count(&{name}); }}')
     return "\n".join(lines) + "\n"
 
 
@@ -93,7 +94,9 @@ class EmulatedLibrary:
     def __getattr__(self, name: str):
         if name.startswith("_") or name not in self._names:
             raise AttributeError(f"the emulated Metal library has no kernel {name!r}")
-        return EmulatedKernel(getattr(self._lib, f"headkv_run_{name}"), name)
+        count = getattr(self._lib, f"headkv_buffers_{name}")
+        count.restype = ctypes.c_uint
+        return EmulatedKernel(getattr(self._lib, f"headkv_run_{name}"), name, count())
 
 
 class EmulatedKernel:
@@ -101,10 +104,12 @@ class EmulatedKernel:
 
     thread_execution_width = 32  # the SIMD width the emulator's reductions span, as on Apple GPUs
 
-    def __init__(self, entry, name: str):
-        self._entry, self._name = entry, name
+    def __init__(self, entry, name: str, buffer_count: int):
+        self._entry, self._name, self.buffer_count = entry, name, buffer_count
 
     def __call__(self, *buffers: torch.Tensor, threads, group_size) -> None:
+        if len(buffers) != self.buffer_count:  # the kernel would read pointers that were never passed
+            raise ValueError(f"{self._name} takes {self.buffer_count} buffers, got {len(buffers)}")
         _dispatch(self._entry, self._name, *buffers, threads=threads, group_size=group_size)
 
 

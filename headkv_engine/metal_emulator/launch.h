@@ -11,6 +11,11 @@ void invoke(void (*fn)(P...), void* const* buffers, uint3 group, uint lane, uint
     fn(static_cast<std::tuple_element_t<I, Params>>(buffers[I])..., group, lane, simd);
 }
 
+template <typename... P>
+constexpr unsigned buffer_count(void (*)(P...)) {
+    return sizeof...(P) - 3;
+}
+
 // dims: threadgroups along x, y, z, then threads per threadgroup. One worker per thread of a threadgroup runs the
 // threadgroups in turn; a launch-wide barrier between them keeps the (static) threadgroup memory to one group, and
 // one launch runs at a time in the process (ctypes lets other Python threads launch meanwhile).
