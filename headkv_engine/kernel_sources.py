@@ -37,3 +37,11 @@ def triton_launcher(name: str, function: str):
     import torch  # noqa: PLC0415
 
     return torch.compiler.disable(getattr(triton_module(name), function))
+
+
+def triton_autotune_enabled() -> bool:
+    """HEADKV_TRITON_AUTOTUNE=0 turns the Triton launchers' default tuning off (fixed tiles), e.g. for correctness
+    tests on a GPU, where tuning every shape's key would cost more than the tests."""
+    import os  # noqa: PLC0415
+
+    return os.environ.get("HEADKV_TRITON_AUTOTUNE", "1") != "0"

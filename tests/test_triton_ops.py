@@ -315,6 +315,6 @@ def test_autotuning_can_be_turned_off_by_the_environment(monkeypatch, op):
 
     mod = triton_module(op)
     monkeypatch.delenv("HEADKV_TRITON_AUTOTUNE", raising=False)
-    assert mod._autotune_enabled()
+    assert mod.triton_autotune_enabled()
     monkeypatch.setenv("HEADKV_TRITON_AUTOTUNE", "0")
-    assert not mod._autotune_enabled()
+    assert not mod.triton_autotune_enabled()

@@ -13,6 +13,8 @@ Semantics: headkv_engine/ops/decode.py (`decode_attention_reference`).
 import triton
 import triton.language as tl
 
+from headkv_engine.kernel_sources import triton_autotune_enabled
+
 
 @triton.jit
 def _chunk_pass(q_ptr, qs_ptr, k_ptr, v_ptr, sink_ptr, pos_ptr, qpos_ptr, bh, base, start, stop, scale, num_heads,
@@ -229,7 +231,7 @@ def decode_attention(q, k_pool, v_pool, base, length, scale, sink_size=None, q_s
     batch, heads, head_dim = q.shape
     block_d = triton.next_power_of_2(head_dim)
     if autotune is None:
-        autotune = q.device.type == "cuda" and block_n is None and num_warps is None and _autotune_enabled()
+        autotune = q.device.type == "cuda" and block_n is None and num_warps is None and triton_autotune_enabled()
     if autotune and (block_n is not None or num_warps is not None):
         raise ValueError("autotune=True picks block_n and num_warps itself: pass neither")
     # launch parameters: chosen by the tuner, or fixed here
@@ -333,10 +335,3 @@ def _multiprocessors(device) -> int:
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
-
-def _autotune_enabled() -> bool:
-    """HEADKV_TRITON_AUTOTUNE=0 turns the default tuning off (fixed tiles), e.g. for correctness tests on a GPU,
-    where tuning every shape's key would cost more than the tests."""
-    import os  # noqa: PLC0415
-
-    return os.environ.get("HEADKV_TRITON_AUTOTUNE", "1") != "0"

@@ -9,6 +9,8 @@ Semantics: headkv_engine/ops/prefill.py (`prefill_attention_reference`).
 import triton
 import triton.language as tl
 
+from headkv_engine.kernel_sources import triton_autotune_enabled
+
 
 @triton.jit
 def _tile(acc, m, l, q, qs, k_tile_ptr, v_tile_ptr, kp, q_pos, sink, window, scale, ok_k, d_ok,
@@ -146,7 +148,7 @@ def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length
     flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_QSINK=q_sink is not None, HAS_FILL=fill is not None,
                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if autotune is None:
-        autotune = q.device.type == "cuda" and block_m is None and block_n is None and _autotune_enabled()
+        autotune = q.device.type == "cuda" and block_m is None and block_n is None and triton_autotune_enabled()
     if autotune and (block_m is not None or block_n is not None):
         raise ValueError("autotune=True picks block_m and block_n itself: pass neither")
     if autotune:
@@ -157,10 +159,3 @@ def prefill_attention(q, k, v, positions, k_pool, v_pool, pos_pool, base, length
             *args, BLOCK_M=block_m or 64, BLOCK_N=block_n or 64, **flags)
     return out.to(dtype)
 
-
-def _autotune_enabled() -> bool:
-    """HEADKV_TRITON_AUTOTUNE=0 turns the default tuning off (fixed tiles), e.g. for correctness tests on a GPU,
-    where tuning every shape's key would cost more than the tests."""
-    import os  # noqa: PLC0415
-
-    return os.environ.get("HEADKV_TRITON_AUTOTUNE", "1") != "0"
