@@ -19,7 +19,6 @@ from headkv_engine.kernel_sources import kernels_dir
 
 TYPE_NAMES = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}
 SIMD_WIDTH = 32
-MAX_HEAD_DIM = 256
 DECODE_CHUNK_ROWS = 512  # rows per decode threadgroup: a head of more is split (4 SIMD groups x 128 rows)
 
 
@@ -96,8 +95,9 @@ def _launch(op: str, dtypes, groups: int | tuple, buffers, name: str | None = No
     kernel_id = kernel_name(name or op, *dtypes)
     if kernel_id not in instantiated_kernels(op):
         raise RuntimeError(f"kernels/metal/{op}.metal has no kernel {kernel_id}")
+    compiled = library(op, device.type)
     try:
-        kernel = getattr(library(op, device.type), kernel_id)
+        kernel = getattr(compiled, kernel_id)
     except (AttributeError, RuntimeError) as exc:  # bfloat kernels exist from Metal 3.1 (macOS 14) on
         raise RuntimeError(f"backend 'metal': this Metal version has no {kernel_id} ({exc}); bfloat16 needs "
                            "macOS 14, other dtypes work everywhere") from exc
@@ -111,8 +111,9 @@ def _launch(op: str, dtypes, groups: int | tuple, buffers, name: str | None = No
 
 
 def check_head_dim(head_dim: int) -> None:
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim: the Metal kernels serve heads of up to {MAX_HEAD_DIM} dimensions, got {head_dim}")
+    most = defined("decode", "HEADKV_MAX_HEAD_DIM")  # (common.metal: each lane holds up to 8 dimensions)
+    if head_dim > most:
+        raise ValueError(f"head_dim: the Metal kernels serve heads of up to {most} dimensions, got {head_dim}")
 
 
 @torch.compiler.disable  # host-side launch: never traced, always run eagerly
