@@ -417,6 +417,33 @@ def test_emulator_exposes_a_missing_threadgroup_barrier_every_time():
         assert out.tolist() == [3.0, 1.0, 2.0]  # each group read the value its predecessor left
 
 
+EARLY_EXIT_PROBE = textwrap.dedent("""
+    #include <metal_stdlib>
+    using namespace metal;
+    kernel void early(device float* out [[buffer(0)]],
+                      uint3 group [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]],
+                      uint simd [[simdgroup_index_in_threadgroup]]) {
+        HEADKV_THREADGROUP float lanes[4];
+        if (simd == 1) return;                // a whole SIMD group returns before the barriers
+        if (simd == 2 && lane >= 16) return;  // and half of another
+        const float live = simd_sum(1.0f);
+        if (lane == 0) lanes[simd] = live;
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (simd == 0 && lane == 0) out[group.x] = lanes[0] + 100.0f * lanes[2] + 10000.0f * lanes[3];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+""")
+
+
+def test_emulator_lets_returned_threads_leave_reductions_and_barriers():
+    """Threads that return no longer count in the SIMD-group reductions or the barriers (as on the GPU): the
+    others neither wait for them nor add them."""
+    library = EmulatedLibrary(EARLY_EXIT_PROBE, ["early"])
+    out = torch.zeros(3)
+    library.early(out, threads=(3 * 128,), group_size=(128,))
+    assert out.tolist() == [32 + 100 * 16 + 10000 * 32] * 3
+
+
 def test_emulated_launches_from_several_threads_do_not_mix():
     """ctypes releases the GIL: two Python threads launching at once share the (static) threadgroup memory, so the
     emulator runs one launch at a time."""
