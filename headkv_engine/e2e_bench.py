@@ -32,8 +32,17 @@ METHODS = ("full", "streaming_llm", "head_aware", "from_budget", "l2_compress", 
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    """The process's resident memory in MiB: now on Linux; elsewhere (macOS) its peak so far, all getrusage gives."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    except OSError:
+        return _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _kv_bytes(cache) -> int:
@@ -126,7 +135,7 @@ def worker(args) -> dict:
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        peak = _peak_rss_mb() - base
     return {
         "method": args.method, "model": name, "prompts": len(prompts), "prompt_tokens": args.max_tokens,
         "new_tokens": args.max_new_tokens,

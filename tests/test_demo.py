@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from headkv_engine.cli import main
 
 
@@ -90,3 +92,24 @@ def test_builtin_head_types_match_the_model_card():
     assert head_types()["counts"] == recorded["counts"]
     card = open(os.path.join(zoo.BUILTIN_DIR, "MODEL_CARD.md")).read()
     assert HEADING in card and all(f"| {k} | {v} |" in card for k, v in recorded["counts"].items())
+
+
+def test_bench_memory_reading_works_without_proc(monkeypatch):
+    """`headkv bench` on macOS: no /proc, ru_maxrss in bytes; the reading falls back to the peak so far."""
+    import builtins
+    import resource
+
+    from headkv_engine import e2e_bench
+
+    real_open = builtins.open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    linux = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert e2e_bench._rss_mb() == pytest.approx(linux, rel=0.05)
+    monkeypatch.setattr(e2e_bench.sys, "platform", "darwin")
+    assert e2e_bench._peak_rss_mb() == pytest.approx(linux / 1024, rel=0.05)  # the same count, read as bytes
