@@ -394,27 +394,43 @@ def test_emulator_reduces_over_the_lanes_of_partial_simd_groups_and_shares_threa
 MISSING_BARRIER_PROBE = textwrap.dedent("""
     #include <metal_stdlib>
     using namespace metal;
-    kernel void handoff(device float* out [[buffer(0)]], device const long* with_barrier [[buffer(1)]],
-                        uint3 group [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]],
-                        uint simd [[simdgroup_index_in_threadgroup]]) {
-        HEADKV_THREADGROUP float value[1];
-        if (simd == 1 && lane == 0) value[0] = float(group.x + 1);
+    // SIMD group `writer` stores the group's number, SIMD group `reader` reads it back
+    void handoff(device float* out, device const long* with_barrier, uint writer, uint reader, uint3 group,
+                 uint lane, uint simd, threadgroup float* value) {
+        if (simd == writer && lane == 0) value[0] = float(group.x + 1);
         if (with_barrier[0] != 0) threadgroup_barrier(mem_flags::mem_threadgroup);
-        if (simd == 0 && lane == 0) out[group.x] = value[0];
+        if (simd == reader && lane == 0) out[group.x] = value[0];
+    }
+    kernel void down(device float* out [[buffer(0)]], device const long* with_barrier [[buffer(1)]],
+                     uint3 group [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]],
+                     uint simd [[simdgroup_index_in_threadgroup]]) {
+        HEADKV_THREADGROUP float value[1];
+        handoff(out, with_barrier, 1, 0, group, lane, simd, value);
+    }
+    kernel void up(device float* out [[buffer(0)]], device const long* with_barrier [[buffer(1)]],
+                   uint3 group [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]],
+                   uint simd [[simdgroup_index_in_threadgroup]]) {
+        HEADKV_THREADGROUP float value[1];
+        handoff(out, with_barrier, 0, 1, group, lane, simd, value);
     }
 """)
 
 
 def test_emulator_exposes_a_missing_threadgroup_barrier_every_time():
-    """SIMD groups run one after another between barriers: SIMD group 0 reading what SIMD group 1 writes, without a
-    barrier between, sees the value from before (here: of the previous threadgroup), not by chance but always."""
-    library = EmulatedLibrary(MISSING_BARRIER_PROBE, ["handoff"])
-    out = torch.zeros(3)
-    library.handoff(out, torch.tensor([1]), threads=(192,), group_size=(64,))
-    assert out.tolist() == [1.0, 2.0, 3.0]
+    """SIMD groups take turns between barriers, forwards in even threadgroups and backwards in odd ones: a SIMD
+    group reading what another writes without a barrier between sees the value from before (of the previous
+    threadgroup), not by chance but every time, whichever SIMD group is the writer."""
+    library = EmulatedLibrary(MISSING_BARRIER_PROBE, ["down", "up"])
+    for kernel in (library.down, library.up):
+        out = torch.zeros(3)
+        kernel(out, torch.tensor([1]), threads=(192,), group_size=(64,))
+        assert out.tolist() == [1.0, 2.0, 3.0]
     for _ in range(3):
-        library.handoff(out, torch.tensor([0]), threads=(192,), group_size=(64,))
-        assert out.tolist() == [3.0, 1.0, 2.0]  # each group read the value its predecessor left
+        out = torch.zeros(3)
+        library.down(out, torch.tensor([0]), threads=(192,), group_size=(64,))
+        assert out.tolist() == [3.0, 2.0, 2.0]  # groups 0 and 2 read before the write: the value left before
+        library.up(out, torch.tensor([0]), threads=(192,), group_size=(64,))
+        assert out.tolist() == [1.0, 1.0, 3.0]  # group 1 (backwards) reads before the write
 
 
 EARLY_EXIT_PROBE = textwrap.dedent("""

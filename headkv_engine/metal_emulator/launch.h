@@ -11,6 +11,12 @@ void invoke(void (*fn)(P...), void* const* buffers, uint3 group, uint lane, uint
     fn(static_cast<std::tuple_element_t<I, Params>>(buffers[I])..., group, lane, simd);
 }
 
+// One for every kernel of the library (a template's static would be one per kernel signature).
+inline std::mutex& one_launch_at_a_time() {
+    static std::mutex mutex;
+    return mutex;
+}
+
 template <typename... P>
 constexpr unsigned buffer_count(void (*)(P...)) {
     return sizeof...(P) - 3;
@@ -18,7 +24,7 @@ constexpr unsigned buffer_count(void (*)(P...)) {
 
 // dims: threadgroups along x, y, z, then threads per threadgroup. One worker per thread of a threadgroup runs the
 // threadgroups in turn; a launch-wide barrier between them keeps the (static) threadgroup memory to one group, and
-// one launch runs at a time in the process (ctypes lets other Python threads launch meanwhile).
+// one launch of this compiled library runs at a time (ctypes lets other Python threads launch meanwhile).
 template <typename... P>
 void launch(void (*fn)(P...), void* const* buffers, const unsigned* dims) {
     static_assert(sizeof...(P) >= 3, "a kernel ends with its three built-in arguments");
@@ -26,11 +32,10 @@ void launch(void (*fn)(P...), void* const* buffers, const unsigned* dims) {
     const uint threads = dims[3];
     const size_t groups = size_t(dims[0]) * dims[1] * dims[2];
     if (groups == 0 || threads == 0) return;
-    static std::mutex one_launch_at_a_time;
-    std::lock_guard<std::mutex> hold(one_launch_at_a_time);
+    std::lock_guard<std::mutex> hold(one_launch_at_a_time());
     std::vector<std::unique_ptr<Group>> states;
     states.reserve(groups);
-    for (size_t g = 0; g < groups; ++g) states.emplace_back(new Group(threads));
+    for (size_t g = 0; g < groups; ++g) states.emplace_back(new Group(threads, g % 2 == 1));
     std::barrier<> between_groups(threads);
     std::vector<Thread> workers;
     workers.reserve(threads);
