@@ -4,10 +4,12 @@
 `metal_stdlib` (the subset of the Metal Shading Language the kernels use, as C++20) and `launch.h` (the
 dispatch), and answers like the library `torch.mps.compile_shader` returns: `library.<kernel>(*tensors,
 threads=..., group_size=...)`. The threadgroups run one after another, the threads of each as real threads:
-barriers and SIMD-group reductions synchronise them, and between two barriers the SIMD groups take turns, so a
-kernel that reads another SIMD group's threadgroup memory without a barrier reads it stale every time. What it
-cannot show: out-of-bounds reads (no bounds checks), fast-math rounding, and a lane that never reaches a SIMD-group
-reduction hangs. It is slow: for tests of small shapes. Compiled kernels are cached per user (cache_dir()).
+barriers and SIMD-group reductions synchronise them, and between two barriers the SIMD groups take turns
+(backwards in odd threadgroups), so a kernel that hands threadgroup memory between SIMD groups without a barrier
+gets it wrong every time (in a dispatch of two or more threadgroups). What it cannot show: out-of-bounds reads
+(no bounds checks), fast-math rounding, a missing simdgroup_barrier between lanes of one SIMD group (a real race
+here too, so only sometimes wrong), and a lane that never reaches a SIMD-group reduction hangs it. It is slow:
+for tests of small shapes. Compiled kernels are cached per user (cache_dir()).
 
 The metal backend uses it for CPU tensors when HEADKV_METAL_EMULATE=1 (as Triton's interpreter serves CPU
 tensors under TRITON_INTERPRET=1).
