@@ -10,7 +10,8 @@ import argparse
 import itertools
 
 import torch
-from gpu_kernels import HEAD_DIM, HEADS, graph_ms, ragged_cache
+from gpu_kernels import graph_ms
+from kernel_inputs import HEAD_DIM, HEADS, ragged_cache
 
 from headkv_engine.kernel_sources import triton_module
 

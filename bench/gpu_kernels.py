@@ -23,14 +23,12 @@ import os
 import torch
 import triton
 import triton.testing
+from kernel_inputs import HEAD_DIM, HEADS, ragged_cache, windowed_prefill
 
 from headkv_engine import ops
 from headkv_engine.files import write_csv_atomic
 from headkv_engine.kernel_sources import triton_module
 from headkv_engine.provenance import commit
-from headkv_engine.quickstart import seed_mix_profile
-
-HEADS, HEAD_DIM = 32, 80
 
 
 def copy_bandwidth(device) -> float:
@@ -59,17 +57,6 @@ def layers_for(bytes_per_layer: int, device, cap: int = 32) -> int:
     """Layers whose caches together cover the L2 cache 8 times (at most `cap`)."""
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     return max(1, min(cap, -(-8 * l2 // max(1, bytes_per_layer))))
-
-
-def ragged_cache(batch, context, dtype, device):
-    sink, window, _ = seed_mix_profile(1, HEADS, HEAD_DIM).layer_tensors(0, device=device)
-    kept = torch.minimum(torch.tensor(context, device=device), sink + window).expand(batch, HEADS).contiguous()
-    capacity = kept.flatten()
-    base = (torch.cumsum(capacity, 0) - capacity).view(batch, HEADS)
-    rows = int(capacity.sum())
-    k_pool = torch.randn(rows, HEAD_DIM, dtype=dtype, device=device)
-    v_pool = torch.randn(rows, HEAD_DIM, dtype=dtype, device=device)
-    return k_pool, v_pool, base, kept, sink, window
 
 
 def bench_decode(batch, context, dtype, device, copy_bw):
@@ -184,13 +171,7 @@ def library_baselines(q, k_dense, v_dense) -> dict:
 
 def bench_prefill(context, sink_size, window_size, dtype, device):
     scale = HEAD_DIM**-0.5
-    q, k, v = (torch.randn(1, HEADS, context, HEAD_DIM, dtype=dtype, device=device) for _ in range(3))
-    positions = torch.arange(context, device=device)[None]
-    empty = torch.zeros(0, HEAD_DIM, dtype=dtype, device=device)
-    none = torch.zeros(1, HEADS, dtype=torch.long, device=device)
-    sink = torch.full((HEADS,), sink_size, device=device)
-    window = torch.full((HEADS,), window_size, device=device)
-    args = (q, k, v, positions, empty, empty, torch.zeros(0, dtype=torch.long, device=device), none, none, sink, window)
+    args, q, k, v = windowed_prefill(context, sink_size, window_size, dtype, device)
     # each head kind gets its own tuning (in a model one tuning serves a layer's mix), outside the timed graph
     triton_module("prefill")._prefill_kernel_tuned.cache.clear()
     ops.prefill_attention(*args, scale=scale, backend="triton")

@@ -21,13 +21,11 @@ import statistics
 import time
 
 import torch
+from kernel_inputs import HEAD_DIM, HEADS, ragged_cache, windowed_prefill
 
 from headkv_engine import ops
 from headkv_engine.files import write_csv_atomic
 from headkv_engine.provenance import commit, processor
-from headkv_engine.quickstart import seed_mix_profile
-
-HEADS, HEAD_DIM = 32, 80
 
 
 def synchronize(device) -> None:
@@ -56,16 +54,11 @@ def copy_bandwidth(device, repeats: int) -> float:
 
 def bench_decode(batch, context, device, copy_bw, repeats):
     dtype = torch.float16
-    sink, window, _ = seed_mix_profile(1, HEADS, HEAD_DIM).layer_tensors(0, device=device)
-    kept = torch.minimum(torch.tensor(context, device=device), sink + window).expand(batch, HEADS).contiguous()
-    capacity = kept.flatten()
-    base = (torch.cumsum(capacity, 0) - capacity).view(batch, HEADS)
-    rows = int(capacity.sum())
-    k_pool, v_pool = (torch.randn(rows, HEAD_DIM, dtype=dtype, device=device) for _ in range(2))
+    k_pool, v_pool, base, kept, _, _ = ragged_cache(batch, context, dtype, device)
     q = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype, device=device)
     k_dense, v_dense = (torch.randn(batch, HEADS, context, HEAD_DIM, dtype=dtype, device=device) for _ in range(2))
     scale = HEAD_DIM**-0.5
-    longest = min(context, int(capacity.max()))  # known on the host, as the cache knows it: no device read per call
+    longest = int(kept.max())  # known on the host, as the cache knows it: no device read per call
     ours = median_ms(lambda: ops.decode_attention(q, k_pool, v_pool, base, kept, scale=scale, backend="metal",
                                                   max_length=longest), device, repeats)
     dense = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k_dense, v_dense),
@@ -80,14 +73,7 @@ def bench_decode(batch, context, device, copy_bw, repeats):
 
 
 def bench_prefill(context, sink_size, window_size, device, repeats):
-    dtype = torch.float16
-    q, k, v = (torch.randn(1, HEADS, context, HEAD_DIM, dtype=dtype, device=device) for _ in range(3))
-    positions = torch.arange(context, device=device)[None]
-    empty = torch.zeros(0, HEAD_DIM, dtype=dtype, device=device)
-    none = torch.zeros(1, HEADS, dtype=torch.long, device=device)
-    sink = torch.full((HEADS,), sink_size, device=device)
-    window = torch.full((HEADS,), window_size, device=device)
-    args = (q, k, v, positions, empty, empty, torch.zeros(0, dtype=torch.long, device=device), none, none, sink, window)
+    args, q, k, v = windowed_prefill(context, sink_size, window_size, torch.float16, device)
     scale = HEAD_DIM**-0.5
     ours = median_ms(lambda: ops.prefill_attention(*args, scale=scale, backend="metal"), device, repeats)
     dense = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), device,
