@@ -34,6 +34,19 @@ def filled_cache(batch, head_dim, seen, dtype, seed=0, device="cpu"):
     return [p.to(device) for p in pools], base.to(device), kept.to(device)
 
 
+def decode_case(batch, head_dim, dtype, with_sink_query, device="cpu"):
+    """One decode step over the pools after 150 / 9 tokens: (decode args, keyword arguments with sink_size, q_sink
+    (or None) and fill, fill)."""
+    (k_pool, v_pool, _), base, length = filled_cache(batch, head_dim, seen=[150, 9], dtype=dtype, device=device)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(batch, len(SINKS), head_dim, generator=gen).to(dtype).to(device)
+    q_sink = torch.randn_like(q) if with_sink_query else None
+    sink, _ = policy(device)
+    fill = torch.randn(len(SINKS), head_dim, generator=gen).to(device)
+    kwargs = dict(scale=head_dim**-0.5, sink_size=sink, q_sink=q_sink, fill=fill)
+    return (q, k_pool, v_pool, base, length), kwargs, fill
+
+
 def prefill_case(batch, head_dim, tokens, cached, dtype, device="cpu"):
     """A block of `tokens` new tokens per sequence, the second left-padded by 6, over an empty cache or one that
     holds 20 / 13 earlier tokens: (prefill args, q_sink, fill)."""
@@ -55,3 +68,23 @@ def prefill_case(batch, head_dim, tokens, cached, dtype, device="cpu"):
     sink, window = policy(device)
     fill = torch.randn(len(SINKS), head_dim, generator=gen).to(device)
     return (q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink, window), q_sink, fill
+
+
+def check_head_statistics(backend, device, dtype, q_start, tokens_q, head_dim, sink_size, local_window, recent_ratio):
+    """head_statistics of `backend` on `device` against the fp64 reference (computed on the CPU: MPS has no fp64)
+    for 3 heads, one of them with heavy first keys."""
+    gen = torch.Generator().manual_seed(tokens_q)
+    heads = 3
+    q = (torch.randn(heads, tokens_q, head_dim, generator=gen) * 2).to(dtype)
+    k = (torch.randn(heads, q_start + tokens_q, head_dim, generator=gen) * 2).to(dtype)
+    k[1, :2] *= 4
+    kwargs = dict(scale=head_dim**-0.5, sink_size=sink_size, local_window=local_window, recent_ratio=recent_ratio)
+    want = ops.head_statistics(q.float(), k.float(), q_start, backend="torch", **kwargs)
+    got = ops.head_statistics(q.to(device), k.to(device), q_start, backend=backend, **kwargs)
+    got = {key: value.cpu() for key, value in got.items()}
+    assert set(got) == set(want)
+    assert torch.equal(got["count"], want["count"])
+    for key in want:
+        assert got[key].dtype == torch.float64 and got[key].shape == want[key].shape, key
+        torch.testing.assert_close(got[key], want[key], atol=2e-4 * max(1.0, float(want["count"][0])), rtol=1e-4,
+                                   msg=key)

@@ -35,21 +35,15 @@ filled_cache = functools.partial(kernel_cases.filled_cache, device=DEVICE)
 @pytest.mark.parametrize("head_dim", [24, 80])
 def test_decode_matches_reference(dtype, with_sink_query, head_dim):
     batch = 2
-    (k_pool, v_pool, pos_pool), base, length = filled_cache(batch, head_dim, seen=[150, 9], dtype=dtype)
-    gen = torch.Generator().manual_seed(1)
-    q = torch.randn(batch, len(SINKS), head_dim, generator=gen).to(dtype).to(DEVICE)
-    q_sink = torch.randn_like(q) if with_sink_query else None
-    sink, _ = policy()
-    fill = torch.randn(len(SINKS), head_dim, generator=gen).to(DEVICE)
-    kwargs = dict(scale=head_dim**-0.5, sink_size=sink, q_sink=q_sink, fill=fill)
-    got = ops.decode_attention(q, k_pool, v_pool, base, length, backend="metal", **kwargs)
-    want = ops.decode_attention_reference(q, k_pool, v_pool, base, length, **kwargs)
+    args, kwargs, fill = kernel_cases.decode_case(batch, head_dim, dtype, with_sink_query, DEVICE)
+    got = ops.decode_attention(*args, backend="metal", **kwargs)
+    want = ops.decode_attention_reference(*args, **kwargs)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(got[:, 3].float(), fill[3].to(dtype).float().expand(batch, -1), atol=0, rtol=0)
     # without a fill, a pruned head outputs zeros
     kwargs.pop("fill")
-    got = ops.decode_attention(q, k_pool, v_pool, base, length, backend="metal", **kwargs)
+    got = ops.decode_attention(*args, backend="metal", **kwargs)
     assert not got[:, 3].any()
 
 
@@ -228,20 +222,8 @@ def test_every_launched_kernel_is_instantiated_in_the_sources():
      (0, 9, 16, 2, 3, 1.0)],  # the recent region is everything
 )
 def test_head_statistics_matches_reference(dtype, q_start, tokens_q, head_dim, sink_size, local_window, recent_ratio):
-    gen = torch.Generator().manual_seed(tokens_q)
-    heads = 3
-    q = (torch.randn(heads, tokens_q, head_dim, generator=gen) * 2).to(dtype)
-    k = (torch.randn(heads, q_start + tokens_q, head_dim, generator=gen) * 2).to(dtype)
-    k[1, :2] *= 4  # one head with heavy first keys
-    kwargs = dict(scale=head_dim**-0.5, sink_size=sink_size, local_window=local_window, recent_ratio=recent_ratio)
-    want = ops.head_statistics(q.float(), k.float(), q_start, backend="torch", **kwargs)
-    got = ops.head_statistics(q.to(DEVICE), k.to(DEVICE), q_start, backend="metal", **kwargs)
-    assert set(got) == set(want)
-    assert torch.equal(got["count"], want["count"])
-    for key in want:
-        assert got[key].dtype == torch.float64 and got[key].shape == want[key].shape, key
-        torch.testing.assert_close(got[key], want[key], atol=2e-4 * max(1.0, float(want["count"][0])), rtol=1e-4,
-                                   msg=key)
+    kernel_cases.check_head_statistics("metal", DEVICE, dtype, q_start, tokens_q, head_dim, sink_size,
+                                       local_window, recent_ratio)
 
 
 def test_analyze_with_metal_statistics_matches_the_cpu_kernel():

@@ -30,15 +30,9 @@ filled_cache = functools.partial(kernel_cases.filled_cache, device=DEVICE)
 @pytest.mark.parametrize("with_sink_query", [False, True])
 def test_decode_matches_reference(dtype, with_sink_query):
     batch, head_dim = 2, 24
-    (k_pool, v_pool, _), base, length = filled_cache(batch, head_dim, seen=[150, 9], dtype=dtype)
-    gen = torch.Generator().manual_seed(1)
-    q = torch.randn(batch, len(SINKS), head_dim, generator=gen).to(dtype).to(DEVICE)
-    q_sink = torch.randn_like(q) if with_sink_query else None
-    sink, _ = policy()
-    fill = torch.randn(len(SINKS), head_dim, generator=gen).to(DEVICE)
-    kwargs = dict(scale=head_dim**-0.5, sink_size=sink, q_sink=q_sink, fill=fill)
-    got = ops.decode_attention(q, k_pool, v_pool, base, length, backend="triton", **kwargs)
-    want = ops.decode_attention_reference(q, k_pool, v_pool, base, length, **kwargs)
+    args, kwargs, fill = kernel_cases.decode_case(batch, head_dim, dtype, with_sink_query, DEVICE)
+    got = ops.decode_attention(*args, backend="triton", **kwargs)
+    want = ops.decode_attention_reference(*args, **kwargs)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
     # pruned head: its fill (the interpreter may round bf16 toward zero: one ulp)
@@ -257,20 +251,8 @@ def test_append_matches_reference(dtype):
      (0, 9, 16, 2, 3, 1.0)],  # fewer tokens than one tile; the recent region is everything
 )
 def test_head_statistics_matches_reference(dtype, q_start, tokens_q, head_dim, sink_size, local_window, recent_ratio):
-    gen = torch.Generator().manual_seed(tokens_q)
-    heads = 3
-    q = (torch.randn(heads, tokens_q, head_dim, generator=gen) * 2).to(dtype).to(DEVICE)
-    k = (torch.randn(heads, q_start + tokens_q, head_dim, generator=gen) * 2).to(dtype).to(DEVICE)
-    k[1, :2] *= 4  # one head with heavy first keys
-    kwargs = dict(scale=head_dim**-0.5, sink_size=sink_size, local_window=local_window, recent_ratio=recent_ratio)
-    want = ops.head_statistics(q.float(), k.float(), q_start, backend="torch", **kwargs)
-    got = ops.head_statistics(q, k, q_start, backend="triton", **kwargs)
-    assert set(got) == set(want)
-    assert torch.equal(got["count"], want["count"])
-    for key in want:
-        assert got[key].dtype == torch.float64 and got[key].shape == want[key].shape, key
-        torch.testing.assert_close(got[key], want[key], atol=2e-4 * max(1.0, float(want["count"][0])), rtol=1e-4,
-                                   msg=key)
+    kernel_cases.check_head_statistics("triton", DEVICE, dtype, q_start, tokens_q, head_dim, sink_size,
+                                       local_window, recent_ratio)
 
 
 def test_head_statistics_tiles_and_blocks_do_not_change_the_sums():
