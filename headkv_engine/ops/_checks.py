@@ -45,11 +45,17 @@ def check_fill(fill, num_heads: int, head_dim: int, device) -> None:
     check_shape("fill", fill, (num_heads, head_dim))
 
 
+def rows_checked_here(kind: str, device: torch.device) -> bool:
+    """Whether the dispatcher checks in Python that the rows lie in the pools: for the torch reference, and for the
+    GPU kernels run on CPU tensors (Triton's interpreter, the Metal emulator), where reading the indices is free.
+    The C++ kernels check it themselves; launches on a GPU take it as given (a read would synchronise)."""
+    return kind == "torch" or (kind in ("triton", "metal") and device.type == "cpu")
+
+
 def check_rows_in_pools(base: torch.Tensor, length: torch.Tensor, num_rows: int) -> None:
     """Each head's rows base .. base + length lie inside the pools' `num_rows` rows.
 
-    Reads the index tensors, so the dispatchers call it where that is free (CPU tensors) or where speed does not
-    matter (the torch reference); the C++ kernels check it themselves, the Triton ones on CUDA assume it.
+    Reads the index tensors: the dispatchers call it where `rows_checked_here` says so.
     """
     # (base > num_rows - length, not base + length > num_rows: the sum of two huge values wraps)
     bad = (length < 0) | (length > num_rows) | ((length > 0) & ((base < 0) | (base > num_rows - length)))

@@ -24,6 +24,7 @@ from headkv_engine.ops._checks import (
     check_no_grad,
     check_pools,
     check_tensor,
+    rows_checked_here,
 )
 
 
@@ -87,7 +88,7 @@ def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_si
     check_no_grad(kind, k, v, k_pool, v_pool)
     if tokens == 0:
         return
-    if kind == "torch" or (kind in ("triton", "metal") and k.device.type == "cpu"):
+    if rows_checked_here(kind, k.device):
         check_rows_written(base, positions, sink_size, window_size, k_pool.shape[0])
     if kind == "torch":
         append_reference(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_size)

@@ -27,6 +27,7 @@ from headkv_engine.ops._checks import (
     check_rows_in_pools,
     check_tensor,
     gather_slots,
+    rows_checked_here,
 )
 
 STAT_FIELDS = ("entropy", "sink_mass", "local_mass")
@@ -86,7 +87,7 @@ def decode_attention(
     check_fill(fill, heads, head_dim, q.device)
     kind = resolve_backend(backend, q.device)
     check_no_grad(kind, q, k_pool, v_pool, q_sink)
-    if kind == "torch" or (kind in ("triton", "metal") and q.device.type == "cpu"):
+    if rows_checked_here(kind, q.device):
         check_rows_in_pools(base, length, k_pool.shape[0])
     if max_length is not None and q.device.type == "cpu" and length.numel() and int(length.max()) > max_length:
         # (on a GPU the hint is trusted: reading the lengths is what it spares)

@@ -28,6 +28,7 @@ from headkv_engine.ops._checks import (
     check_rows_in_pools,
     check_tensor,
     gather_slots,
+    rows_checked_here,
 )
 
 
@@ -102,7 +103,7 @@ def prefill_attention(
     check_block_positions(positions)
     kind = resolve_backend(backend, q.device)
     check_no_grad(kind, q, k, v, k_pool, v_pool, q_sink)
-    if kind == "torch" or (kind in ("triton", "metal") and q.device.type == "cpu"):
+    if rows_checked_here(kind, q.device):
         check_rows_in_pools(base, length, k_pool.shape[0])
     if tokens == 0:
         return torch.empty_like(q)
