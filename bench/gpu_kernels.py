@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 
 import torch
 import triton
 import triton.testing
+from csv_rows import CsvRows
 from kernel_inputs import HEAD_DIM, HEADS, ragged_cache, windowed_prefill
 
 from headkv_engine import ops
-from headkv_engine.files import write_csv_atomic
 from headkv_engine.kernel_sources import triton_module
 from headkv_engine.provenance import commit
 
@@ -227,8 +226,6 @@ def main(argv=None):
     parser.add_argument("--csv", default="bench/results/gpu_kernels.csv")
     parser.add_argument("--force", action="store_true", help="overwrite an existing CSV")
     args = parser.parse_args(argv)
-    if os.path.exists(args.csv) and not args.force:
-        raise SystemExit(f"{args.csv} exists; pass --force to overwrite it")
     device = torch.device("cuda")
     dtype = torch.float16
     meta = {
@@ -237,14 +234,8 @@ def main(argv=None):
         # the device copy of the tree has no .git: pass HEADKV_COMMIT=$(git rev-parse --short HEAD) from the checkout
         "commit": commit(),
     }
+    record = CsvRows(args.csv, meta, args.force).record  # refuses an existing CSV before measuring
     copy_bw = copy_bandwidth(device)
-    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-    rows = []
-
-    def record(row):  # the CSV is rewritten (atomically) after every row: a run cut short keeps what it measured
-        rows.append({**meta, **row})
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-        write_csv_atomic(args.csv, rows)
 
     def decode_rows(batch):
         for context in args.contexts:

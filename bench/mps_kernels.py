@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
 import time
 
 import torch
+from csv_rows import CsvRows
 from kernel_inputs import HEAD_DIM, HEADS, ragged_cache, windowed_prefill
 
 from headkv_engine import ops
-from headkv_engine.files import write_csv_atomic
 from headkv_engine.provenance import commit, processor
 
 
@@ -114,19 +113,11 @@ def main(argv=None):
     parser.add_argument("--csv", default="bench/results/mps_kernels.csv")
     parser.add_argument("--force", action="store_true", help="overwrite an existing CSV")
     args = parser.parse_args(argv)
-    if os.path.exists(args.csv) and not args.force:
-        raise SystemExit(f"{args.csv} exists; pass --force to overwrite it")
     device = torch.device(args.device)
     meta = {"date": datetime.date.today().isoformat(), "device": processor(device), "device_type": device.type,
             "torch": torch.__version__, "commit": commit()}
+    record = CsvRows(args.csv, meta, args.force).record  # refuses an existing CSV before measuring
     copy_bw = copy_bandwidth(device, args.repeats)
-    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-    rows = []
-
-    def record(row):  # the CSV is rewritten (atomically) after every row: a run cut short keeps what it measured
-        rows.append({**meta, **row})
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-        write_csv_atomic(args.csv, rows)
 
     for batch in args.batches:
         for context in args.contexts:
