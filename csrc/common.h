@@ -323,13 +323,15 @@ HEADKV_INLINE void axpy1(float p, const typename S::T* __restrict row, int64_t n
 }
 
 // exp(x) for x <= 0 (a score minus its running max), within about 2e-7 relative error; exactly 0 below -87
-// (so a masked score, -inf, gets no weight): a polynomial with no calls, so loops over it vectorize.
+// (so a masked score, -inf, gets no weight) and NaN for NaN (a NaN score poisons its row, as in torch.softmax):
+// a polynomial with no calls, so loops over it vectorize.
 HEADKV_INLINE float exp_le0(float x) {
-  const int32_t keep = -static_cast<int32_t>(x >= -87.0f);  // all ones; 0 below -87 and for -inf
-  x = std::max(x, -87.0f);
-  const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);  // nearest integer to x / ln 2
+  const bool in_range = x >= -87.0f;                       // false below -87, for -inf and for NaN
+  const uint32_t keep = in_range ? 0xffffffffu : 0u;       // all ones, or 0.f as the result
+  const float xc = in_range ? x : -87.0f;                  // finite: the conversion to int below is defined
+  const int32_t n = static_cast<int32_t>(xc * 1.44269504088896341f - 0.5f);  // nearest integer to x / ln 2
   const float nf = static_cast<float>(n);
-  const float r = x - nf * 0.693359375f + nf * 2.12194440e-4f;  // x - n ln 2, ln 2 in two parts
+  const float r = xc - nf * 0.693359375f + nf * 2.12194440e-4f;  // x - n ln 2, ln 2 in two parts
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -337,10 +339,11 @@ HEADKV_INLINE float exp_le0(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = ((n + 127) << 23) & keep;  // 2^n, or 0.f
+  const uint32_t bits = (static_cast<uint32_t>(n + 127) << 23) & keep;  // 2^n, or 0.f (n + 127 >= 1 here)
   float two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n;
+  const float y = p * two_n;
+  return x == x ? y : x;  // (-fno-finite-math-only keeps this NaN test)
 }
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
