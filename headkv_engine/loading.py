@@ -47,8 +47,14 @@ def load_text(text_file: str | None = None, dataset: str | None = None) -> str:
     if text_file:
         if not os.path.isfile(text_file):
             raise ValueError(f"--text-file: {text_file!r} is not a file")
-        with open(text_file, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(text_file, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--text-file: {text_file!r} is not UTF-8 text ({exc})") from exc
+        if not text.strip():
+            raise ValueError(f"--text-file: {text_file!r} holds no text")
+        return text
     if dataset:
         try:
             import datasets  # noqa: PLC0415
@@ -72,6 +78,8 @@ def encode(tokenizer, text: str, max_tokens: int, builtin: bool, offset: int = 0
     if max_tokens < 2 or offset < 0:
         raise ValueError(f"max_tokens must be >= 2 and offset >= 0, got {max_tokens} and {offset}")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("the text gives no tokens")
     if offset >= len(ids):
         raise ValueError(f"--offset: the text has only {len(ids)} tokens, fewer than the offset {offset}")
     if builtin:

@@ -82,3 +82,22 @@ def test_bad_input_is_named():
         hk.evaluate(model.gpt_neox, torch.arange(5))
     ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
     assert hk.evaluate(model, ids.int()).nll == pytest.approx(hk.evaluate(model, ids).nll)  # int32 ids are fine
+
+
+def test_unreadable_or_empty_text_file_is_named(model_dir, tmp_path):
+    from headkv_engine import loading  # noqa: PLC0415
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"--text-file: '.*latin1\.txt' is not UTF-8 text"):
+        loading.load_text(str(latin1))
+    for name, content in (("empty.txt", ""), ("blank.txt", " \n\n ")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError, match=rf"--text-file: '.*{name}' holds no text"):
+            loading.load_text(str(tmp_path / name))
+    # a text of no tokens is not blamed on an offset the command may not have
+    _, tokenizer, _ = loading.load_model(str(model_dir))
+    with pytest.raises(ValueError, match="^the text gives no tokens$"):
+        loading.encode(tokenizer, "", 8, builtin=False)
+    with pytest.raises(ValueError, match="--offset: the text has only 2 tokens"):
+        loading.encode(tokenizer, "the a", 8, builtin=False, offset=2)
