@@ -224,7 +224,7 @@ HEADKV_INLINE void block_body(const Args& a, int64_t item, Workspace& w) {
   }
   for (int64_t i = 0; i < count; ++i) {
     float* row = w.acc.data() + i * pd;
-    if (w.sum[i] > 0.f) {
+    if (w.sum[i] != 0.f) {  // (a NaN sum, from a NaN input, stays NaN: never the fill)
       scale_row(1.f / w.sum[i], row, d);
     } else {  // no visible key (padding query, pruned head): the fill
       for (int64_t c = 0; c < d; ++c) row[c] = a.fill ? a.fill[h * d + c] : 0.f;

@@ -11,6 +11,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+from test_ops import SINKS, TOL, WINDOWS, filled_cache, left_padded
+
+from headkv_engine import ops
+from headkv_engine.ops.prefill import visible
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -56,3 +61,63 @@ def test_exp_le0_is_defined_for_nan_and_accurate(tmp_path):
     assert got["nan"] == "1", "exp_le0(NaN) must be NaN"
     assert float(got["-inf"]) == 0.0 and float(got["-100"]) == 0.0
     assert float(got["rel"]) < 5e-7
+
+
+# ---- NaN inputs --------------------------------------------------------------------------------------------
+# A NaN in a key or query makes NaN every output that attends to it (as dense attention would), and only those;
+# outputs with no visible key (pruned heads, padding queries) still get their fill.
+
+NAN_DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype", NAN_DTYPES)
+def test_prefill_nan_key_or_query_gives_nan_where_seen(isa, backend, dtype):
+    gen = torch.Generator().manual_seed(3)
+    seen, pad, tokens, head_dim = [20, 4], [0, 5], 40, 16
+    (k_pool, v_pool, pos_pool), base, length = filled_cache(seen, head_dim, dtype, gen)
+    q, k, v = (torch.randn(2, len(SINKS), tokens, head_dim, generator=gen).to(dtype) for _ in range(3))
+    positions = left_padded(seen, pad, tokens)
+    nan_key, nan_query, nan_row = 10, 30, int(base[0, 0]) + 7  # a new key, a query, a cached key of head 0
+    k[0, :, nan_key, 3] = float("nan")
+    q[1, :, nan_query, 5] = float("nan")
+    k_pool[nan_row, 2] = float("nan")
+    fill = torch.randn(len(SINKS), head_dim, generator=gen)
+    args = (q, k, v, positions, k_pool, v_pool, pos_pool, base, length, SINKS, WINDOWS)
+    got = ops.prefill_attention(*args, scale=0.25, fill=fill, backend=backend)
+
+    q_pos = positions[:, None, :]  # [B, 1, T]
+    sinks, windows = SINKS[None, :, None], WINDOWS[None, :, None]
+    want_nan = torch.zeros(2, len(SINKS), tokens, dtype=torch.bool)
+    want_nan[0] = visible(q_pos[0], positions[0, nan_key], sinks[0], windows[0])
+    want_nan[0, 0] |= visible(q_pos[0, 0], pos_pool[nan_row], SINKS[0], WINDOWS[0])
+    want_nan[1, :, nan_query] = SINKS + WINDOWS > 0  # the query sees itself, unless its head is pruned
+    assert want_nan[0].any() and (~want_nan[0, :, pad[0]:]).any()  # both kinds of rows are checked
+    assert torch.equal(got.isnan().any(-1), want_nan)
+    assert torch.equal(got.isnan().all(-1), want_nan)
+    no_key = (positions < 0)[:, None, :] | (SINKS + WINDOWS == 0)[None, :, None]  # padding, pruned heads
+    torch.testing.assert_close(got[no_key].float(), fill[None, :, None, :].expand_as(got)[no_key].to(dtype).float())
+    if backend == "cpu":  # the finite rows still agree with the reference
+        want = ops.prefill_attention_reference(*args, scale=0.25, fill=fill)
+        torch.testing.assert_close(got[~want_nan].float(), want[~want_nan].float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype", NAN_DTYPES)
+def test_decode_nan_key_or_query_gives_nan_where_seen(isa, backend, dtype):
+    gen = torch.Generator().manual_seed(4)
+    head_dim = 16
+    (k_pool, v_pool, pos_pool), base, length = filled_cache([700, 30], head_dim, dtype, gen)
+    q = torch.randn(2, len(SINKS), head_dim, generator=gen).to(dtype)
+    k_pool[int(base[0, 0]) + 600, 1] = float("nan")  # head 0 of sequence 0 (a full head: past the first chunk)
+    q[1, 4, 0] = float("nan")
+    fill = torch.randn(len(SINKS), head_dim, generator=gen)
+    kwargs = dict(scale=0.25, fill=fill, return_stats=True, pos_pool=pos_pool, query_position=torch.tensor([700, 30]))
+    out, stats = ops.decode_attention(q, k_pool, v_pool, base, length, backend=backend, **kwargs)
+    want_nan = torch.zeros(2, len(SINKS), dtype=torch.bool)
+    want_nan[0, 0] = want_nan[1, 4] = True
+    assert torch.equal(out.isnan().any(-1), want_nan) and torch.equal(out.isnan().all(-1), want_nan)
+    assert torch.equal(stats[..., 0].isnan(), want_nan)  # the entropy of the step
+    empty = length == 0  # the pruned head
+    assert empty.any()
+    torch.testing.assert_close(out[empty].float(), fill.expand_as(out)[empty].to(dtype).float())

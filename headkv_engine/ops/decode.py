@@ -44,7 +44,8 @@ def decode_attention_reference(q, k_pool, v_pool, base, length, *, scale, sink_s
         is_sink = torch.arange(keys.shape[2], device=q.device) < sink_size[:, None]  # [H, L]
         scores = torch.where(is_sink, sink_scores, scores)
     scores = scores.masked_fill(~valid, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key are all -inf
+    # rows with no key are all -inf (softmax NaN): zeros, then the fill; a NaN input stays NaN
+    probs = torch.softmax(scores, dim=-1).masked_fill(~valid, 0.0)
     out = torch.einsum("bhl,bhld->bhd", probs, values.float())
     empty = length == 0
     if empty.any():

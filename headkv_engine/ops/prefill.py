@@ -63,7 +63,8 @@ def prefill_attention_reference(
         if q_sink is not None:
             sink_scores = torch.einsum("bhqd,bhkd->bhqk", q_sink[:, :, start:stop].float(), keys) * scale
             scores = torch.where(is_sink_key, sink_scores, scores)
-        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+        # rows with no visible key are all -inf (softmax NaN): zeros, then the fill; a NaN input stays NaN
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).masked_fill(~mask, 0.0)
         out = torch.einsum("bhqk,bhkd->bhqd", probs, values)
         no_key = ~mask.any(-1, keepdim=True)
         fill_rows = torch.zeros_like(out) if fill is None else fill.float()[None, :, None, :].expand_as(out)
