@@ -55,10 +55,11 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
     # the analysis reads windows of the evaluated length (at least one) from the start of the text; the
     # evaluation windows come right after them, so no evaluated token was analysed
     analysis_windows = max(1, analysis_tokens // eval_tokens)
-    analysis_ids = loading.encode_windows(tokenizer, text, eval_tokens, analysis_windows, builtin=builtin)
+    analysis_ids = loading.encode_windows(tokenizer, text, eval_tokens, analysis_windows, builtin=builtin,
+                                          flags=("--eval-tokens", "--analysis-tokens"))
     eval_offset = analysis_windows * loading.window_step(eval_tokens, builtin)
     eval_ids = loading.encode_windows(tokenizer, text, eval_tokens, eval_windows, builtin=builtin,
-                                      offset=eval_offset)
+                                      offset=eval_offset, flags=("--eval-tokens", "--eval-windows"))
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     steps.set_postfix_str("analysis")
 

@@ -4,6 +4,7 @@ a `datasets` dataset or the built-in held-out text."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -103,9 +104,11 @@ def window_step(window: int, builtin: bool) -> int:
     return window - 1 if builtin else window
 
 
-def encode_windows(tokenizer, text: str, window: int, count: int, builtin: bool, offset: int = 0) -> list:
+def encode_windows(tokenizer, text: str, window: int, count: int, builtin: bool, offset: int = 0,
+                   flags=("--max-tokens", "--windows")) -> list:
     """`count` consecutive windows of `window` tokens from token `offset` on (each with the BOS first for the
-    built-in model); fewer if the text runs out, an error if none fits."""
+    built-in model); fewer, with a warning, if the text runs out; an error if none fits. `flags`: the options
+    that set the window length and the count, named in the warning and the error."""
     if window < 2 or count < 1 or offset < 0:
         raise ValueError(f"window must be >= 2, count >= 1 and offset >= 0, got {window}, {count} and {offset}")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -118,6 +121,13 @@ def encode_windows(tokenizer, text: str, window: int, count: int, builtin: bool,
         if builtin:
             part = [tokenizer.convert_tokens_to_ids(zoo.BOS_TOKEN)] + part
         windows.append(torch.tensor(part))
+    window_flag, count_flag = flags
+    start = f" from token {offset} on" if offset else ""
     if not windows:
-        raise ValueError(f"the text has fewer than {offset + step} tokens: no window of {window} tokens fits")
+        raise ValueError(f"{window_flag}={window}: the text has {len(ids)} tokens, fewer than the {offset + step} "
+                         f"one window of {window} tokens needs{start}")
+    if len(windows) < count:
+        # the run goes on with what the text holds, but not silently
+        warnings.warn(f"{count_flag}: {count} windows of {window} tokens ({window_flag}) asked for{start}, the text "
+                      f"({len(ids)} tokens) holds only {len(windows)}; using {len(windows)}", stacklevel=2)
     return windows

@@ -101,3 +101,22 @@ def test_unreadable_or_empty_text_file_is_named(model_dir, tmp_path):
         loading.encode(tokenizer, "", 8, builtin=False)
     with pytest.raises(ValueError, match="--offset: the text has only 2 tokens"):
         loading.encode(tokenizer, "the a", 8, builtin=False, offset=2)
+
+
+def test_fewer_windows_than_asked_is_a_warning_naming_the_flags(model_dir, text_file):
+    from headkv_engine import loading  # noqa: PLC0415
+
+    _, tokenizer, _ = loading.load_model(str(model_dir))
+    text = text_file.read_text()  # 400 tokens
+    with pytest.warns(UserWarning, match=r"--windows: 10 windows of 100 tokens \(--max-tokens\) asked for from token "
+                                         r"50 on, the text \(400 tokens\) holds only 3; using 3"):
+        assert len(loading.encode_windows(tokenizer, text, 100, 10, builtin=False, offset=50)) == 3
+    with pytest.warns(UserWarning, match="--eval-windows: 5 windows of 200 tokens \\(--eval-tokens\\) asked for, "):
+        loading.encode_windows(tokenizer, text, 200, 5, builtin=False, flags=("--eval-tokens", "--eval-windows"))
+    with pytest.raises(ValueError, match="--max-tokens=500: the text has 400 tokens, fewer than the 500 one window"):
+        loading.encode_windows(tokenizer, text, 500, 1, builtin=False)
+    import warnings  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all the windows asked for: no warning
+        assert len(loading.encode_windows(tokenizer, text, 100, 4, builtin=False)) == 4
