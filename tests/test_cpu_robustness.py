@@ -16,6 +16,7 @@ from test_ops import SINKS, TOL, WINDOWS, filled_cache, left_padded
 
 from headkv_engine import ops
 from headkv_engine.ops.prefill import visible
+from headkv_engine.ops.statistics import head_statistics
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -121,3 +122,21 @@ def test_decode_nan_key_or_query_gives_nan_where_seen(isa, backend, dtype):
     empty = length == 0  # the pruned head
     assert empty.any()
     torch.testing.assert_close(out[empty].float(), fill.expand_as(out)[empty].to(dtype).float())
+
+
+# ---- mixed dtypes ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("q_dtype,k_dtype,k_scale", [
+    (torch.bfloat16, torch.float32, 3.0),   # k keeps its fp32 precision
+    (torch.float16, torch.bfloat16, 1e5),   # fp16 cannot hold these keys: both go to fp32
+    (torch.float32, torch.float16, 1.0),
+])
+def test_statistics_of_mixed_dtypes_match_the_reference(isa, q_dtype, k_dtype, k_scale):
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 40, 16, generator=gen).to(q_dtype)
+    k = (torch.randn(3, 40, 16, generator=gen) * k_scale).to(k_dtype)
+    scale = 0.25 / k_scale
+    got = head_statistics(q, k, 0, scale=scale, backend="cpu")
+    want = head_statistics(q, k, 0, scale=scale, backend="torch")  # fp64 from each input's own dtype
+    for key in ("entropy", "max_prob", "regions", "relative"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4, msg=key)

@@ -86,8 +86,9 @@ def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_si
 @torch.compiler.disable  # raw data pointers: never traced, always run eagerly
 def head_statistics(q, k, q_start, scale, sink_size, local_window, recent_ratio, min_query, bins):
     """Sums of ops.statistics for one sequence block: fp64 rows [H, fields] (layout: ops.statistics)."""
-    if k.dtype != q.dtype:
-        k = k.to(q.dtype)
+    # the kernel reads q and k in one dtype: the wider of the two (bf16 + fp16: fp32), never a rounding of k to q's
+    dtype = torch.promote_types(q.dtype, k.dtype)
+    q, k = q.to(dtype), k.to(dtype)
     q, k = q.contiguous(), k.contiguous()
     heads, tokens_q, head_dim = q.shape
     ext = _ext()
