@@ -140,3 +140,17 @@ def test_statistics_of_mixed_dtypes_match_the_reference(isa, q_dtype, k_dtype, k
     want = head_statistics(q, k, 0, scale=scale, backend="torch")  # fp64 from each input's own dtype
     for key in ("entropy", "max_prob", "regions", "relative"):
         torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("q_dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_prefill_reference_reads_wider_pools_at_their_precision(isa, q_dtype, tol):
+    """fp32 pools under a half-precision block: the reference, like the kernel, does not round the cached rows."""
+    gen = torch.Generator().manual_seed(6)
+    seen, tokens, head_dim = [50], 8, 16
+    (k_pool, v_pool, pos_pool), base, length = filled_cache(seen, head_dim, torch.float32, gen)
+    k_pool *= 8  # large scores: a rounding of the keys moves the softmax well past the output's rounding
+    q, k, v = (torch.randn(1, len(SINKS), tokens, head_dim, generator=gen).to(q_dtype) for _ in range(3))
+    args = (q, k, v, left_padded(seen, [0], tokens), k_pool, v_pool, pos_pool, base, length, SINKS, WINDOWS)
+    got = ops.prefill_attention(*args, scale=0.5, backend="cpu")
+    want = ops.prefill_attention_reference(*args, scale=0.5)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)

@@ -48,8 +48,9 @@ def prefill_attention_reference(
     cached_v, _ = gather_slots(v_pool, base, length)
     cached_pos, _ = gather_slots(pos_pool, base, length)
     cached_pos = torch.where(cached_valid, cached_pos.long(), -1)
-    keys = torch.cat([cached_k.to(q.dtype), k], dim=2).float()
-    values = torch.cat([cached_v.to(q.dtype), v], dim=2).float()
+    # each source to fp32 from its own dtype, as the kernels read it (pools may be wider than q)
+    keys = torch.cat([cached_k.float(), k.float()], dim=2)
+    values = torch.cat([cached_v.float(), v.float()], dim=2)
     key_pos = torch.cat([cached_pos, positions[:, None, :].expand(batch, heads, -1)], dim=2)  # [B, H, Tk]
     sinks = sink_size.view(1, heads, 1, 1)
     windows = window_size.view(1, heads, 1, 1)
