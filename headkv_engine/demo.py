@@ -61,6 +61,9 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
     eval_ids = loading.encode_windows(tokenizer, text, eval_tokens, eval_windows, builtin=builtin,
                                       offset=eval_offset, flags=("--eval-tokens", "--eval-windows"))
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    # an earlier run's results of other budgets must not pass for this run's (prepare_output_dir has already
+    # refused a non-empty directory without --force)
+    loading.remove_outputs(output_dir, loading.OUTPUTS["demo"])
     steps.set_postfix_str("analysis")
 
     # 1. analyse and classify the heads on the analysis windows: the heads are measured at the context the

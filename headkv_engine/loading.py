@@ -3,6 +3,7 @@ a `datasets` dataset or the built-in held-out text."""
 
 from __future__ import annotations
 
+import glob
 import os
 import warnings
 
@@ -92,11 +93,48 @@ def encode(tokenizer, text: str, max_tokens: int, builtin: bool, offset: int = 0
     return torch.tensor(ids)
 
 
-def prepare_output_dir(path: str, force: bool) -> None:
-    """Create the results directory; an existing non-empty one is an error unless `force`."""
-    if os.path.isdir(path) and os.listdir(path) and not force:
-        raise ValueError(f"--output-dir: {path!r} already holds results; pass --force to overwrite them")
+# What each command writes into its output directory: glob patterns relative to it. `--force` removes the files
+# of these names an earlier run left (a from_budget profile of a budget not asked for again, the
+# refined_classifications.json of an earlier --reclassify, an analysis's validation/ now out of date, the
+# temporaries of an interrupted write), so that the directory holds this run's results only; any other file stays.
+_ANALYSIS = ("head_statistics.json", "head_classifications.json", "entropy_heatmap.png", "position_preference.png",
+             "sink_ratio_analysis.png", "head_clustering.png", "relative_position_heatmap.png", "analysis_summary.txt")
+_VALIDATION = ("refined_classifications.json", "relative_position_by_type.png", "sink_vs_local_scatter.png",
+               "entropy_by_type.png", "validation_report.txt")
+OUTPUTS = {
+    "analyze": (*_ANALYSIS, *(f"validation/{name}" for name in _VALIDATION)),
+    "validate": _VALIDATION,
+    "demo": ("demo_results.json", "ppl_vs_context.png", "report.md", *(f"analysis/{name}" for name in _ANALYSIS),
+             "profiles/full.json", "profiles/head_aware.json", "profiles/B_streaming_*.json",
+             "profiles/from_budget_*.json"),
+    "bench": ("bench_results.csv", "bench_results.json", "bench_results.md"),
+}
+
+
+def prepare_output_dir(path: str, force: bool, outputs=()) -> None:
+    """Create the results directory; an existing non-empty one is an error unless `force`, which removes the
+    files of the `outputs` names (OUTPUTS[command]) an earlier run left there, and nothing else."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output-dir: {path!r} exists and is not a directory")
+    if os.path.isdir(path) and os.listdir(path):
+        if not force:
+            raise ValueError(f"--output-dir: {path!r} already holds results; pass --force to overwrite them")
+        remove_outputs(path, outputs)
     os.makedirs(path, exist_ok=True)
+
+
+def remove_outputs(path: str, outputs) -> list[str]:
+    """Remove the files under `path` that match the `outputs` patterns (relative to it), and the temporaries an
+    interrupted atomic write of them left (files.atomic_path: `.NAME.*` beside NAME); returns the removed paths."""
+    removed = []
+    for pattern in outputs:
+        folder, name = os.path.split(pattern)
+        for candidate in (name, f".{name}.*"):
+            for found in sorted(glob.glob(os.path.join(glob.escape(path), folder, candidate))):
+                if os.path.islink(found) or os.path.isfile(found):  # a link is removed, never what it points to
+                    os.remove(found)
+                    removed.append(found)
+    return removed
 
 
 def window_step(window: int, builtin: bool) -> int:

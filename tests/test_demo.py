@@ -1,9 +1,13 @@
 """`headkv demo` end to end on the built-in model, in a shortened setting."""
 
+import fnmatch
 import json
 
 import pytest
+import torch
+from reference_model import tiny_model
 
+from headkv_engine import loading
 from headkv_engine.cli import main
 
 
@@ -113,3 +117,54 @@ def test_bench_memory_reading_works_without_proc(monkeypatch):
     assert e2e_bench._rss_mb() == pytest.approx(linux, rel=0.05)
     monkeypatch.setattr(e2e_bench.sys, "platform", "darwin")
     assert e2e_bench._peak_rss_mb() == pytest.approx(linux / 1024, rel=0.05)  # the same count, read as bytes
+
+
+def tiny_demo_args(model_dir, text_file, out, *extra):
+    """`headkv demo` on the tiny saved model of conftest: seconds, not a minute."""
+    return ["demo", "--model", str(model_dir), "--text-file", str(text_file), "--output-dir", str(out),
+            "--analysis-tokens", "80", "--eval-tokens", "40", "--eval-windows", "2", "--decode-context", "32",
+            "--new-tokens", "2", *extra]
+
+
+def test_force_removes_an_earlier_runs_results_only(model_dir, text_file, tmp_path):
+    out = tmp_path / "demo"
+    assert main(tiny_demo_args(model_dir, text_file, out, "--budgets", "8", "12")) == 0
+    (out / "notes.txt").write_text("mine")  # files of the user's stay
+    (out / "profiles" / "mine.json").write_text("{}")
+    (out / "profiles" / ".from_budget_8.json.abc123.json").write_text("")  # an interrupted write's temporary
+    assert main(tiny_demo_args(model_dir, text_file, out, "--budgets", "10", "--force")) == 0
+    profiles = sorted(p.name for p in (out / "profiles").iterdir())
+    assert profiles == ["B_streaming_10.json", "from_budget_10.json", "full.json", "head_aware.json", "mine.json"]
+    assert (out / "notes.txt").read_text() == "mine"
+    # every file the demo wrote is one of its known outputs (so --force can find them again)
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"notes.txt", "profiles/mine.json"}
+    assert all(any(fnmatch.fnmatch(f, pattern) for pattern in loading.OUTPUTS["demo"]) for f in written), written
+
+
+def test_output_names_are_those_the_writers_write(tmp_path):
+    """loading.OUTPUTS lists what analyze and validate write (their writers return the names)."""
+    from headkv_engine.analysis import analyze, write_analysis  # noqa: PLC0415
+    from headkv_engine.analysis.report import write_validation  # noqa: PLC0415
+
+    model = tiny_model(2, 4, 16, vocab=97)
+    result = analyze(model, torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(0)),
+                     backend="torch")
+    assert set(write_analysis(result, tmp_path / "a")) == {n for n in loading.OUTPUTS["analyze"] if "/" not in n}
+    names = write_validation(result.statistics, result.model_info, tmp_path / "a" / "validation")
+    assert set(names) == set(loading.OUTPUTS["validate"])
+    assert {f"validation/{n}" for n in names} <= set(loading.OUTPUTS["analyze"])
+
+
+def test_prepare_output_dir_force_removes_known_names_only(tmp_path):
+    out = tmp_path / "v"
+    out.mkdir()
+    for name in ("refined_classifications.json", "validation_report.txt", "keep.txt", ".validation_report.txt.x"):
+        (out / name).write_text("old")
+    (out / "entropy_by_type.png").mkdir()  # a directory of an output's name is not removed
+    with pytest.raises(ValueError, match="--force"):
+        loading.prepare_output_dir(str(out), False, loading.OUTPUTS["validate"])
+    loading.prepare_output_dir(str(out), True, loading.OUTPUTS["validate"])
+    assert sorted(p.name for p in out.iterdir()) == ["entropy_by_type.png", "keep.txt"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="--output-dir: .* is not a directory"):
+        loading.prepare_output_dir(str(tmp_path / "file"), True)
