@@ -62,6 +62,8 @@ def model_forward(
         raise NotImplementedError(f"a patched model applies no attention dropout (the config has "
                                   f"{self.config.attention_dropout}): call model.eval() or set attention_dropout=0")
     cache = cache if cache is not None else past_key_values
+    # as transformers' forward does: a cache passed in is filled and returned even under use_cache=False
+    cache_given = cache is not None
     use_cache = self.config.use_cache if use_cache is None else use_cache
     output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
     if inputs_embeds is None:
@@ -120,7 +122,8 @@ def model_forward(
     if output_hidden_states:
         all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
     output = BaseModelOutputWithPast(
-        last_hidden_state=hidden_states, cache=cache if use_cache else None, hidden_states=all_hidden_states
+        last_hidden_state=hidden_states, cache=cache if use_cache or cache_given else None,
+        hidden_states=all_hidden_states,
     )
     return output if return_dict else output.to_tuple()
 

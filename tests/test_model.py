@@ -544,3 +544,24 @@ def test_from_dense_cache_continues_like_the_reference(model, backend):
         got = model(ids[:, 15:], attention_mask=mask, cache=cache, use_cache=True).logits
     real = mask[:, 15:].bool()
     assert (got - ref[:, 15:])[real].abs().max() <= 1e-3
+
+
+def test_use_cache_false_with_a_cache_passed_fills_and_returns_it_like_the_unpatched_model(model, ids):
+    """transformers' GPTNeoX fills a cache it is given and returns it whatever use_cache says; without one and
+    use_cache=False it returns none."""
+    from transformers import DynamicCache  # noqa: PLC0415
+
+    dense = DynamicCache()
+    unpatched = model(ids[:, :6], cache=dense, use_cache=False)
+    assert unpatched.past_key_values is dense and dense.get_seq_length() == 6
+    assert model(ids[:, :6], use_cache=False).past_key_values is None
+    with hk.patch_model(model, mixed_profile(), backend="torch"):
+        cache = model(ids[:, :6], use_cache=True).past_key_values
+        out = model(ids[:, 6:9], cache=cache, use_cache=False)
+        assert out.past_key_values is cache and cache.get_seq_length() == 9
+        assert isinstance(model(ids[:, :6], cache=DynamicCache(), use_cache=False).past_key_values, hk.HeadKVCache)
+        assert model(ids[:, :6], use_cache=False).past_key_values is None
+        assert model(ids[:, 9:12], cache=cache, use_cache=False, return_dict=False)[1] is cache
+        continued = model(ids[:, 12:], cache=cache, use_cache=True).logits
+    ref = reference_logits(model, mixed_profile(), ids)
+    torch.testing.assert_close(continued, ref[:, 12:], atol=1e-3, rtol=0)
