@@ -43,14 +43,14 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
     """layer_losses: a `headkv calibrate` file (or dict) for the measured-loss from_budget rows; None: the built-in
     model's shipped calibration for the built-in model, none for another model."""
     began = time.perf_counter()
-    steps = tqdm(total=6, desc="demo", unit="step")
+    # every input is checked before the first result is written
     model, tokenizer, name = loading.load_model(model_id)
     text = loading.load_text(text_file, None)
     builtin = model_id == loading.BUILTIN
     if layer_losses is None and builtin:
         layer_losses = zoo.LAYER_LOSSES
-    if layer_losses is not None:
-        layer_losses = load_layer_losses(layer_losses)
+    if layer_losses is not None:  # a file of another model is refused here, not after the analysis
+        layer_losses = load_layer_losses(layer_losses, num_layers=model.config.num_hidden_layers)
     prompt = loading.encode(tokenizer, text, decode_context, builtin=builtin)  # for the decode timing
     # the analysis reads windows of the evaluated length (at least one) from the start of the text; the
     # evaluation windows come right after them, so no evaluated token was analysed
@@ -61,6 +61,7 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
     eval_ids = loading.encode_windows(tokenizer, text, eval_tokens, eval_windows, builtin=builtin,
                                       offset=eval_offset, flags=("--eval-tokens", "--eval-windows"))
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    steps = tqdm(total=6, desc="demo", unit="step")
     # an earlier run's results of other budgets must not pass for this run's (prepare_output_dir has already
     # refused a non-empty directory without --force)
     loading.remove_outputs(output_dir, loading.OUTPUTS["demo"])

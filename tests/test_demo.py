@@ -168,3 +168,14 @@ def test_prepare_output_dir_force_removes_known_names_only(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="--output-dir: .* is not a directory"):
         loading.prepare_output_dir(str(tmp_path / "file"), True)
+
+
+def test_demo_refuses_bad_inputs_before_any_result(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "demo"
+    other_model = tmp_path / "layer_losses.json"  # a calibration of a 3-layer model; the tiny model has 2
+    other_model.write_text(json.dumps({"format": "headkv-layer-losses/1", "windows": [4, 16], "model": "other",
+                                       "loss_increase": [[0.1, 0.0]] * 3}))
+    assert main(tiny_demo_args(model_dir, text_file, out, "--budgets", "8", "--layer-losses", str(other_model))) == 2
+    err = capsys.readouterr().err
+    assert "one row per layer of the model (2), got 3" in err and str(other_model) in err
+    assert not (out / "analysis").exists()  # refused before the analysis is written

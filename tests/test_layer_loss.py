@@ -86,6 +86,28 @@ def test_bad_layer_losses_are_clear_errors():
                                kl_weight=-1)
 
 
+def test_layer_losses_file_errors_name_the_file(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(hk.ProfileError, match=rf"layer_losses: {broken} is not a JSON file"):
+        load_layer_losses(str(broken))
+    repeated = tmp_path / "repeated.json"
+    repeated.write_text(json.dumps({**constructed_losses(), "windows": [4, 4, 512]}))
+    with pytest.raises(hk.ProfileError, match=rf"expected distinct window sizes, got \[4, 4, 512\] \(in {repeated}\)"):
+        load_layer_losses(repeated)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(constructed_losses()))
+    assert load_layer_losses(good, num_layers=2)["windows"] == constructed_losses()["windows"]
+    with pytest.raises(hk.ProfileError, match=rf"one row per layer of the model \(3\), got 2 .*\(in {good}\)"):
+        load_layer_losses(good, num_layers=3)
+
+
+def test_repeated_window_sizes_refused_before_measuring():
+    model = tiny_model(2, 4, 16)
+    with pytest.raises(ValueError, match=r"\(--window-sizes\): expected distinct window sizes, got \[4, 8, 8\]"):
+        measure_layer_losses(model, torch.arange(12), windows=(8, 4, 8))
+
+
 def test_calibrate_command_and_ablate_with_layer_losses(model_dir, text_file, tmp_path, capsys):
     output = tmp_path / "layer_losses.json"
     args = ["calibrate", "--model", str(model_dir), "--text-file", str(text_file), "--max-tokens", "40",

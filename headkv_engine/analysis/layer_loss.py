@@ -29,7 +29,9 @@ def measure_layer_losses(model, input_ids, *, sink_size: int = 4, windows=WINDOW
     (a sequence, a batch or a list of windows, as `evaluate` takes). Costs 1 + layers x len(windows) evaluations."""
     windows = sorted(int(w) for w in windows)
     if not windows or windows[0] < 1:
-        raise ValueError(f"windows: expected window sizes >= 1, got {windows}")
+        raise ValueError(f"windows (--window-sizes): expected window sizes >= 1, got {windows}")
+    if len(set(windows)) != len(windows):  # a repeated window would only be measured twice
+        raise ValueError(f"windows (--window-sizes): expected distinct window sizes, got {windows}")
     if sink_size < 0:
         raise ValueError(f"sink_size: expected >= 0, got {sink_size}")
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
@@ -44,24 +46,36 @@ def measure_layer_losses(model, input_ids, *, sink_size: int = 4, windows=WINDOW
             "tokens": full.tokens, "full_loss": full.nll}
 
 
-def load_layer_losses(layer_losses) -> dict:
-    """A layer-losses dict from a path or a dict, checked."""
+def load_layer_losses(layer_losses, num_layers: int | None = None) -> dict:
+    """A layer-losses dict from a path or a dict, checked; with `num_layers`, also that it has one row per layer
+    of that model. Errors name the file."""
+    where = ""
     if isinstance(layer_losses, (str, bytes)) or hasattr(layer_losses, "__fspath__"):
-        with open(os.fspath(layer_losses), encoding="utf-8") as f:
-            layer_losses = json.load(f)
+        path = os.fsdecode(layer_losses)
+        where = f" (in {path})"
+        try:
+            with open(path, encoding="utf-8") as f:
+                layer_losses = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ProfileError(f"layer_losses: {path} is not a JSON file ({exc})") from exc
     if not isinstance(layer_losses, dict) or layer_losses.get("format") != LAYER_LOSSES_FORMAT:
-        raise ProfileError(f"layer_losses: expected a {LAYER_LOSSES_FORMAT!r} file from `headkv calibrate`")
+        raise ProfileError(f"layer_losses: expected a {LAYER_LOSSES_FORMAT!r} file from `headkv calibrate`{where}")
     windows, loss = layer_losses.get("windows"), layer_losses.get("loss_increase")
     if not isinstance(windows, list) or not windows or not all(is_int(w) and w >= 1 for w in windows):
-        raise ProfileError(f"layer_losses.windows: expected a non-empty list of window sizes >= 1, got {windows!r}")
+        raise ProfileError(f"layer_losses.windows: expected a non-empty list of window sizes >= 1, got "
+                           f"{windows!r}{where}")
+    if len(set(windows)) != len(windows):
+        raise ProfileError(f"layer_losses.windows: expected distinct window sizes, got {windows!r}{where}")
     if not isinstance(loss, list) or not loss or any(not isinstance(row, list) or len(row) != len(windows)
                                                      for row in loss):
-        raise ProfileError(f"layer_losses.loss_increase: expected one row of {len(windows)} values per layer")
+        raise ProfileError(f"layer_losses.loss_increase: expected one row of {len(windows)} values per layer{where}")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for row in loss
                for v in row):
-        raise ProfileError("layer_losses.loss_increase: expected finite numbers")
+        raise ProfileError(f"layer_losses.loss_increase: expected finite numbers{where}")
+    if num_layers is not None and len(loss) != num_layers:
+        raise ProfileError(f"layer_losses.loss_increase: expected one row per layer of the model ({num_layers}), "
+                           f"got {len(loss)} (model {layer_losses.get('model')!r}){where}")
     return layer_losses
-
 
 
 def layer_loss(layer_losses: dict, layer: int, window: int) -> float:
