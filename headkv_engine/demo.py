@@ -44,6 +44,10 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
     model's shipped calibration for the built-in model, none for another model."""
     began = time.perf_counter()
     # every input is checked before the first result is written
+    budgets = tuple(budgets)
+    if not budgets or any(not 4 < b < eval_tokens for b in budgets):
+        raise ValueError(f"--budgets: every budget must exceed the 4 StreamingLLM sinks and be below --eval-tokens "
+                         f"({eval_tokens}; a budget of the whole window compresses nothing), got {list(budgets)}")
     model, tokenizer, name = loading.load_model(model_id)
     text = loading.load_text(text_file, None)
     builtin = model_id == loading.BUILTIN

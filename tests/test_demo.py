@@ -179,3 +179,7 @@ def test_demo_refuses_bad_inputs_before_any_result(model_dir, text_file, tmp_pat
     err = capsys.readouterr().err
     assert "one row per layer of the model (2), got 3" in err and str(other_model) in err
     assert not (out / "analysis").exists()  # refused before the analysis is written
+    assert main(tiny_demo_args(model_dir, text_file, out, "--budgets", "8", "40")) == 2
+    assert "--budgets: every budget must exceed the 4 StreamingLLM sinks and be below --eval-tokens (40" in (
+        capsys.readouterr().err)
+    assert not (out / "analysis").exists()
