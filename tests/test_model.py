@@ -565,3 +565,19 @@ def test_use_cache_false_with_a_cache_passed_fills_and_returns_it_like_the_unpat
         continued = model(ids[:, 12:], cache=cache, use_cache=True).logits
     ref = reference_logits(model, mixed_profile(), ids)
     torch.testing.assert_close(continued, ref[:, 12:], atol=1e-3, rtol=0)
+
+
+def test_float64_model_runs_on_the_torch_backend_and_kernel_backends_refuse_it(ids):
+    model = tiny_model(LAYERS, HEADS, HEAD_DIM, dtype=torch.float64)
+    dense = model(ids).logits
+    with hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend="torch"):
+        patched, _ = stepwise_logits(model, ids, first=9)
+    assert patched.dtype == torch.float64
+    torch.testing.assert_close(patched, dense, atol=1e-4, rtol=0)
+    profile = mixed_profile(fill=True)
+    with hk.patch_model(model, profile, backend="torch"):
+        patched, _ = stepwise_logits(model, ids, first=9)
+    assert (patched - reference_logits(model, profile, ids)).abs().max() <= 1e-3
+    for backend in ("cpu", "triton", "metal"):
+        with hk.patch_model(model, profile, backend=backend), pytest.raises(TypeError, match="backend='torch'"):
+            model(ids)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# what the torch reference takes; the compiled, Triton and Metal kernels take KERNEL_FLOAT_DTYPES
+# (check_kernel_inputs refuses the rest once the backend is known)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+KERNEL_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_tensor(name: str, t: torch.Tensor, *, dim: int, dtypes=None, device=None) -> None:
@@ -97,14 +100,22 @@ def check_block_positions(positions: torch.Tensor) -> None:
         )
 
 
-def check_no_grad(kind: str, *tensors) -> None:
-    """The compiled, Triton and Metal kernels have no backward: refuse inputs that record gradients for them,
-    rather than return an output autograd cannot connect to its inputs (a silent zero gradient)."""
-    if kind == "torch" or not torch.is_grad_enabled():
+def check_kernel_inputs(kind: str, *tensors) -> None:
+    """What the compiled, Triton and Metal kernels cannot take, refused once the backend is resolved:
+    float64 tensors, and inputs that record gradients (they have no backward: autograd could not connect their
+    output to its inputs, a silent zero gradient)."""
+    if kind == "torch":
         return
-    if any(t is not None and t.requires_grad for t in tensors):
+    for t in tensors:
+        if t is not None and t.dtype not in KERNEL_FLOAT_DTYPES:
+            raise TypeError(f"backend {kind!r} computes in {[str(d) for d in KERNEL_FLOAT_DTYPES]}, got {t.dtype}: "
+                            "use backend='torch' (the reference) for this dtype, or cast the model")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise ValueError(f"backend {kind!r} computes no gradients, and an input requires grad: call it under "
                          "torch.no_grad() (inference), or use backend='torch' (training)")
+
+
+check_no_grad = check_kernel_inputs  # (the name the dispatchers call it by)
 
 
 def gather_slots(pool: torch.Tensor, base: torch.Tensor, length: torch.Tensor):
