@@ -98,11 +98,13 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
 
     # 3. evaluate every profile on the evaluation windows (one masked pass each)
     configs = []
+    evaluation_began = time.perf_counter()
     for config_name, (group, profile) in tqdm(profiles.items(), desc="evaluate", leave=False):
         r = evaluate(model, eval_ids, profile, backend=backend)
         configs.append({"name": config_name, "group": group, "perplexity": r.perplexity, "accuracy": r.accuracy,
                         "effective_context": r.effective_context, "tokens": r.tokens,
                         "kv_fraction": profile.summary(eval_tokens)["kv_fraction"]})
+    evaluation_seconds = time.perf_counter() - evaluation_began
     steps.update()
 
     # 4. decode speed and KV bytes at `decode_context` tokens: full cache vs the head-aware and budget profiles
@@ -114,6 +116,7 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
     # 5. figures and the results file
     results = {"format": "headkv-demo/1", "model": name, "tokens": configs[0]["tokens"], "windows": len(eval_ids),
                "window_tokens": eval_tokens, "eval_offset": eval_offset, "configs": configs,
+               "evaluation_seconds": evaluation_seconds,
                "decode": {k: {"ms_per_token": v[0], "kv_bytes": v[1]} for k, v in speed.items()},
                "decode_context": decode_context, "analysis": result.model_info,
                "layer_losses": None if layer_losses is None else layer_losses.get("text", "given"),
@@ -167,7 +170,8 @@ def _write_report(results, classifications, output_dir):
            "(a calibration on other text) instead of the attention it drops." if results["layer_losses"] else ""),
         f"4. **Evaluation.** Perplexity and next-token accuracy on {results['windows']} held-out windows of "
         f"{results['window_tokens']} tokens (after the analysed ones), in one masked pass per profile (identical "
-        "to token-by-token decoding with the ragged cache).",
+        f"to token-by-token decoding with the ragged cache): {len(results['configs'])} profiles evaluated in "
+        f"{results['evaluation_seconds']:.0f} s.",
         f"5. **Speed and memory.** Greedy decoding after a {results['decode_context']}-token prompt, full cache vs "
         "ragged cache.",
         "",

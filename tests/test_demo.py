@@ -2,6 +2,7 @@
 
 import fnmatch
 import json
+import time
 
 import pytest
 import torch
@@ -132,10 +133,16 @@ def test_force_removes_an_earlier_runs_results_only(model_dir, text_file, tmp_pa
     (out / "notes.txt").write_text("mine")  # files of the user's stay
     (out / "profiles" / "mine.json").write_text("{}")
     (out / "profiles" / ".from_budget_8.json.abc123.json").write_text("")  # an interrupted write's temporary
+    began = time.perf_counter()
     assert main(tiny_demo_args(model_dir, text_file, out, "--budgets", "10", "--force")) == 0
+    seconds = time.perf_counter() - began
     profiles = sorted(p.name for p in (out / "profiles").iterdir())
     assert profiles == ["B_streaming_10.json", "from_budget_10.json", "full.json", "head_aware.json", "mine.json"]
     assert (out / "notes.txt").read_text() == "mine"
+    # the evaluation's own time, not the whole demo's
+    results = json.loads((out / "demo_results.json").read_text())
+    assert 0 < results["evaluation_seconds"] < seconds / 2
+    assert f"4 profiles evaluated in {results['evaluation_seconds']:.0f} s" in (out / "report.md").read_text()
     # every file the demo wrote is one of its known outputs (so --force can find them again)
     written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"notes.txt", "profiles/mine.json"}
     assert all(any(fnmatch.fnmatch(f, pattern) for pattern in loading.OUTPUTS["demo"]) for f in written), written
