@@ -13,14 +13,15 @@ namespace headkv {
 namespace {
 
 HEADKV_INLINE bool kept(int64_t p, int64_t last, int64_t sink, int64_t window) {
-  return p >= 0 && (p < sink || p > last - window);
+  return p >= 0 && (p < sink || last - p < window);  // (p > last - window, without the overflow of last - window)
 }
 
 HEADKV_INLINE int64_t slot_of(int64_t p, int64_t sink, int64_t window) {
   return p < sink ? p : sink + (p - sink) % window;  // window > 0 here: p >= sink and kept means p > last - W
 }
 
-// fn(i, p, row) for every token i of head (b, h) that is kept: its position p and the pool row it goes to.
+// fn(i, p, slot) for every token i of head (b, h) that is kept: its position p and its slot in the head's rows
+// (0 <= slot <= p: the row is base[b, h] + slot, added only once the check below has bounded both).
 template <class Fn>
 HEADKV_INLINE void for_each_kept(int64_t bh, int64_t heads, int64_t tokens, const int64_t* positions,
                                  const int64_t* base, const int64_t* sink_size, const int64_t* window_size,
@@ -29,7 +30,7 @@ HEADKV_INLINE void for_each_kept(int64_t bh, int64_t heads, int64_t tokens, cons
   const int64_t sink = sink_size[h], window = window_size[h];
   for (int64_t i = 0; i < tokens; ++i) {
     const int64_t p = positions[b * tokens + i];
-    if (kept(p, last[b], sink, window)) fn(i, p, base[bh] + slot_of(p, sink, window));
+    if (kept(p, last[b], sink, window)) fn(i, p, slot_of(p, sink, window));
   }
 }
 
@@ -57,12 +58,13 @@ void append(void* k_pool, void* v_pool, int64_t* pos_pool, const int64_t* base, 
                  sink_size[h], " and ", window_size[h], " for head ", h);
   }
   // every row written must be inside the pools (checked before anything is written; so the pools' pointers are
-  // valid wherever a row is written)
+  // valid wherever a row is written). base and slot are bounded apart: base + slot of two huge values overflows.
   for (int64_t bh = 0; bh < batch * heads; ++bh) {
-    auto check = [&](int64_t, int64_t p, int64_t row) {
-      HEADKV_CHECK(row >= 0 && row < pool_rows, "append: position ", p, " of sequence ", bh / heads, ", head ",
-                   bh % heads, " goes to row ", row, " (base ", base[bh], "), outside the pools' ", pool_rows,
-                   " rows: reserve capacity >= min(tokens seen, sink + window) per head first");
+    auto check = [&](int64_t, int64_t p, int64_t slot) {
+      HEADKV_CHECK(base[bh] >= 0 && base[bh] < pool_rows && slot < pool_rows - base[bh], "append: base ", base[bh],
+                   " of sequence ", bh / heads, ", head ", bh % heads, " plus slot ", slot, " (position ", p,
+                   ") is outside the pools' ", pool_rows, " rows: base must be >= 0 and base + slot < ", pool_rows,
+                   " (reserve capacity >= min(tokens seen, sink + window) per head first)");
     };
     for_each_kept(bh, heads, tokens, positions, base, sink_size, window_size, last, check);
   }
@@ -72,8 +74,8 @@ void append(void* k_pool, void* v_pool, int64_t* pos_pool, const int64_t* base, 
     std::vector<float> row(head_dim);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < batch * heads; ++bh) {
-      auto write = [&](int64_t i, int64_t p, int64_t dst) {
-        const int64_t src = bh * tokens + i;
+      auto write = [&](int64_t i, int64_t p, int64_t slot) {
+        const int64_t src = bh * tokens + i, dst = base[bh] + slot;
         if (new_dtype == kv_dtype) {
           const int64_t bytes = head_dim * in_bytes;
           std::memcpy(static_cast<char*>(k_pool) + dst * bytes, static_cast<const char*>(k) + src * bytes, bytes);

@@ -154,3 +154,52 @@ def test_prefill_reference_reads_wider_pools_at_their_precision(isa, q_dtype, to
     got = ops.prefill_attention(*args, scale=0.5, backend="cpu")
     want = ops.prefill_attention_reference(*args, scale=0.5)
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+# ---- append: rows from huge or negative bases and slots ----------------------------------------------------
+
+INT64_MAX = (1 << 63) - 1
+
+
+@pytest.mark.parametrize("base,position,sink,message", [
+    (-1, 1, 0, r"base -1 of sequence 0, head 0 plus slot 1 \(position 1\)"),  # base + slot = row 0: still refused
+    (INT64_MAX, 5, 0, rf"base {INT64_MAX} of sequence 0, head 0 plus slot 1 "),  # base + slot overflows
+    (1 << 62, 1 << 62, (1 << 62) + 1, rf"base {1 << 62} .* plus slot {1 << 62} "),  # a sink slot: overflows too
+])
+def test_append_refuses_a_row_from_a_bad_base_or_slot(base, position, sink, message):
+    pools = [torch.zeros(4, 8), torch.zeros(4, 8), torch.full((4,), -1)]
+    k = torch.randn(1, 1, 1, 8)
+    with pytest.raises(ValueError, match=message + r".*outside the pools' 4 rows"):
+        ops.append(*pools, torch.tensor([[base]]), k, k, torch.tensor([[position]]), torch.tensor([sink]),
+                   torch.tensor([4]), backend="cpu")
+    assert torch.equal(pools[0], torch.zeros(4, 8)) and (pools[2] == -1).all()  # nothing written
+
+
+def test_append_bounds_checks_are_free_of_overflow(tmp_path):
+    """base + slot and last - window of huge values: a clear error, and no signed overflow on the way (UBSan)."""
+    out = run_sanitized(tmp_path, """
+        #include <cstdio>
+        #include <limits>
+        #include <stdexcept>
+        #include "kernels.h"
+        int main() {
+          const int64_t big = std::numeric_limits<int64_t>::max();
+          float pool[4 * 2] = {}, k[2] = {1, 2};
+          int64_t pos_pool[4] = {-1, -1, -1, -1};
+          struct Case { int64_t base, position, sink, window; };
+          // base + slot overflows (window, sink slot), a negative base brought into range, padding under a huge window
+          const Case cases[] = {{big, 5, 0, 4}, {big - 1, 3, 4, 0}, {-1, 1, 0, 2}, {0, -5, 0, big}};
+          for (const Case& c : cases) {
+            try {
+              headkv::append(pool, pool, pos_pool, &c.base, k, k, &c.position, &c.sink, &c.window, 1, 1, 1, 2, 4,
+                             0, 0);
+              std::printf("accepted\\n");
+            } catch (const std::invalid_argument&) {
+              std::printf("refused\\n");
+            }
+          }
+          std::printf("untouched %d\\n", pos_pool[0] == -1 && pos_pool[1] == -1 && pos_pool[2] == -1 &&
+                                         pos_pool[3] == -1);
+        }
+    """, "append.cpp")
+    assert out.split() == ["refused", "refused", "refused", "accepted", "untouched", "1"]
