@@ -110,6 +110,7 @@ def run(context: int = 1024, new_tokens: int = 32, backend: str = "auto") -> dic
                  f"head_dim {head_dim}",
         "profile": profile.summary(context)["strategies"],
         "context": context,
+        "kv_tokens": dense.get_seq_length(),  # the prompt and the decoded tokens the caches hold when measured
         "full_profile_matches_unpatched": bool(torch.equal(same, reference)),
         "generated": sample[0, 64:].tolist(),
         "dense_kv_bytes": dense_cache_nbytes(dense),
@@ -128,7 +129,8 @@ def report(result: dict) -> str:
             f"profile:  {result['profile']} (seed 000 head mix), backend {result['backend']}",
             f"full-cache profile reproduces the unpatched model: {result['full_profile_matches_unpatched']}",
             f"greedy tokens under the profile: {result['generated']}",
-            f"KV bytes at {result['context']} tokens: dense {result['dense_kv_bytes']:,} | "
+            f"KV bytes at {result['kv_tokens']} tokens ({result['context']}-token prompt + "
+            f"{result['kv_tokens'] - result['context']} decoded): dense {result['dense_kv_bytes']:,} | "
             f"ragged {result['ragged_kv_bytes']:,} ({100 * share:.1f}% of dense)",
             f"decode: dense {result['dense_ms_per_token']:.2f} ms/token | ragged {result['ragged_ms_per_token']:.2f} "
             f"ms/token ({speed:.2f}x)",
