@@ -101,17 +101,24 @@ def input_fingerprints(windows, classifications, statistics, layer_losses) -> di
 
 
 def run_ablation(model, input_ids, output_dir, *, ablation="all", classifications=None, statistics=None,
-                 model_name="model", budgets=BUDGETS, backend="auto", progress=True, layer_losses=None) -> dict:
+                 model_name="model", budgets=BUDGETS, backend="auto", progress=True, layer_losses=None,
+                 resume=True) -> dict:
     """Evaluate every configuration on `input_ids` (a sequence, a batch or a list of windows); results go to
-    `output_dir/ablation_results.json` after each one."""
+    `output_dir/ablation_results.json` after each one. `resume`: continue the results found there (of the same
+    model and inputs); False starts over, the earlier file replaced only once the first new result is written."""
     windows = [input_ids] if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1 else list(input_ids)
     length = max(int(w.numel()) for w in windows)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "ablation_results.json")
     inputs = input_fingerprints(windows, classifications, statistics, layer_losses)
-    if os.path.exists(path):
+    if resume and os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            results = json.load(f)
+            try:
+                results = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not a JSON file ({exc}); use another --output-dir or --force") from None
+        if not isinstance(results, dict):
+            results = {}
         if results.get("format") != RESULTS_FORMAT or results.get("model") != model_name:
             raise ValueError(f"{path} holds results of another run (model {results.get('model')!r}); use another "
                              "--output-dir or --force")

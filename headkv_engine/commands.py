@@ -80,17 +80,20 @@ def validate(args) -> int:
 def ablate(args) -> int:
     from headkv_engine.ablation import run_ablation  # noqa: PLC0415
     from headkv_engine.ablation_report import write_report  # noqa: PLC0415
+    from headkv_engine.groups import SINK  # noqa: PLC0415
 
     classifications = args.classifications
     statistics = args.statistics
     if args.layer_losses and not statistics:
         raise ValueError("--layer-losses: prices the from_budget rows, which need --statistics")
-    # the inputs are checked before anything is loaded or removed
+    # the inputs are checked before anything is loaded or written
+    if min(args.budgets) <= SINK:
+        raise ValueError(f"--budgets: every budget must exceed the {SINK} StreamingLLM sinks (B_streaming_C keeps "
+                         f"{SINK} sinks + C - {SINK} recent tokens), got {args.budgets}")
     for flag, path in (("--layer-losses", args.layer_losses), ("--classifications", classifications),
                        ("--statistics", statistics)):
         _require_file(flag, path)
-    if args.force and os.path.exists(os.path.join(args.output_dir, "ablation_results.json")):
-        os.remove(os.path.join(args.output_dir, "ablation_results.json"))
+    _check_ablation_dir(args.output_dir, args.force)
     os.makedirs(args.output_dir, exist_ok=True)
     model, tokenizer, name = loading.load_model(args.model)
     text = loading.load_text(args.text_file, None)
@@ -98,7 +101,7 @@ def ablate(args) -> int:
                                  offset=args.offset)
     results = run_ablation(model, ids, args.output_dir, ablation=args.ablation, classifications=classifications,
                            statistics=statistics, model_name=name, budgets=tuple(args.budgets), backend=args.backend,
-                           layer_losses=args.layer_losses)
+                           layer_losses=args.layer_losses, resume=not args.force)
     files = write_report(results, args.output_dir)
     print(f"{len(results['configs'])} configurations; wrote ablation_results.json, {', '.join(files)} to "
           f"{args.output_dir}")
@@ -138,6 +141,18 @@ def bench(args) -> int:
 def show_json(path) -> None:
     with open(path, encoding="utf-8") as f:
         print(json.dumps(json.load(f), indent=2))
+
+
+def _check_ablation_dir(path: str, force: bool) -> None:
+    """An ablation writes into a new or empty directory, or resumes the one of its ablation_results.json (whose
+    run and inputs run_ablation compares); a directory of other files only with --force."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output-dir: {path!r} exists and is not a directory")
+    if force or not os.path.isdir(path) or not os.listdir(path):
+        return
+    if not os.path.isfile(os.path.join(path, "ablation_results.json")):
+        raise ValueError(f"--output-dir: {path!r} holds other files and no ablation_results.json to resume; use "
+                         "another --output-dir, or pass --force to write the ablation into it")
 
 
 def _require_file(flag: str, path: str | None) -> None:

@@ -110,3 +110,49 @@ def test_clear_errors(tmp_path, capsys):
     GPT2Config(n_layer=1, n_head=2, n_embd=8).save_pretrained(tmp_path / "gpt2")
     assert main(["analyze", "--model", str(tmp_path / "gpt2"), "--output-dir", str(tmp_path / "out")]) == 2
     assert "GPTNeoX" in capsys.readouterr().err
+
+
+def _ablate(model_dir, text_file, output_dir, *extra):
+    """A one-configuration ablation (B_streaming_16) on a few tokens."""
+    return ["ablate", "--model", str(model_dir), "--text-file", str(text_file), "--max-tokens", "40",
+            "--ablation", "window_size", "--budgets", "16", "--output-dir", str(output_dir), *extra]
+
+
+def test_ablate_refuses_a_directory_of_other_files(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "notes.txt").write_text("not an ablation")
+    assert main(_ablate(model_dir, text_file, out)) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir" in err and "--force" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert main(_ablate(model_dir, text_file, out, "--force")) == 0  # asked for: written beside the other file
+    assert (out / "ablation_results.json").is_file() and (out / "notes.txt").is_file()
+    assert main(_ablate(model_dir, text_file, out)) == 0  # its own results: resumed
+    (tmp_path / "file").write_text("")
+    assert main(_ablate(model_dir, text_file, tmp_path / "file")) == 2
+    assert "--output-dir" in capsys.readouterr().err
+
+
+def test_ablate_force_keeps_the_results_until_new_ones_exist(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "ablation"
+    assert main(_ablate(model_dir, text_file, out)) == 0
+    before = (out / "ablation_results.json").read_text()
+    failing = _ablate(tmp_path / "no-such-model", text_file, out, "--force")
+    assert main(failing) == 2
+    capsys.readouterr()
+    assert (out / "ablation_results.json").read_text() == before  # a failed --force run removes nothing
+    # --force starts over: a new evaluation (other tokens) replaces the file instead of being refused
+    assert main(_ablate(model_dir, text_file, out, "--force", "--offset", "5")) == 0
+    results = json.loads((out / "ablation_results.json").read_text())
+    assert results["inputs"] != json.loads(before)["inputs"] and [c["name"] for c in results["configs"]] == [
+        "B_streaming_16"]
+
+
+@pytest.mark.parametrize("budgets", [["4"], ["64", "2"]])
+def test_ablate_checks_budgets_first(model_dir, text_file, tmp_path, capsys, budgets):
+    cmd = _ablate(model_dir, text_file, tmp_path / "ablation")
+    cmd[cmd.index("--budgets") + 1:cmd.index("--budgets") + 2] = budgets
+    assert main(cmd) == 2
+    assert "--budgets: every budget must exceed the 4 StreamingLLM sinks" in capsys.readouterr().err
+    assert not (tmp_path / "ablation").exists()
