@@ -69,9 +69,12 @@ void append(void* k_pool, void* v_pool, int64_t* pos_pool, const int64_t* base, 
     for_each_kept(bh, heads, tokens, positions, base, sink_size, window_size, last, check);
   }
   const int64_t in_bytes = kv_dtype == kFloat32 ? 4 : 2;
-#pragma omp parallel
+  // a row buffer per thread, for converting between dtypes
+  std::vector<std::vector<float>> rows =
+      thread_workspaces<std::vector<float>>("append", batch * heads, new_dtype == kv_dtype ? int64_t{0} : head_dim);
+#pragma omp parallel num_threads(static_cast<int>(rows.size()))
   {
-    std::vector<float> row(head_dim);
+    std::vector<float>& row = rows[thread_num()];
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < batch * heads; ++bh) {
       auto write = [&](int64_t i, int64_t p, int64_t slot) {

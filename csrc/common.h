@@ -12,6 +12,12 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define HEADKV_INLINE inline __attribute__((always_inline))
 
@@ -51,6 +57,51 @@ std::string concat(const Parts&... parts) {
   std::ostringstream s;
   (s << ... << parts);
   return s.str();
+}
+
+// An allocation that failed, with what it was for (pybind11 raises it as MemoryError with this message).
+class AllocationError : public std::bad_alloc {
+ public:
+  explicit AllocationError(std::string message) : message_(std::move(message)) {}
+  const char* what() const noexcept override { return message_.c_str(); }
+
+ private:
+  std::string message_;
+};
+
+inline int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+inline int thread_num() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// One workspace W(args...) per thread of the parallel region that follows, which must be opened with
+// num_threads(workspaces.size()) and take workspaces[thread_num()]. They are built here, before the region,
+// because an exception (std::bad_alloc) that leaves an OpenMP region terminates the process: here it reaches
+// Python as a MemoryError naming the kernel. No more threads than work items.
+template <class W, class... A>
+std::vector<W> thread_workspaces(const char* kernel, int64_t work_items, const A&... args) {
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(work_items, max_threads()));
+  try {
+    std::vector<W> workspaces;
+    workspaces.reserve(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) workspaces.emplace_back(args...);
+    return workspaces;
+  } catch (const std::bad_alloc& e) {
+    throw AllocationError(concat(kernel, ": cannot allocate the working memory of ", n, " threads (", e.what(), ")"));
+  } catch (const std::length_error& e) {
+    throw AllocationError(concat(kernel, ": cannot allocate the working memory of ", n, " threads (", e.what(), ")"));
+  }
 }
 
 inline void check_dtype(int dtype, const char* name) {

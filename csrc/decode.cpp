@@ -236,10 +236,12 @@ void decode_attention(const void* q, const void* q_sink, const void* k_pool, con
   const Args a{q,       q_sink,   k_pool, v_pool, base, sink_size, heads, head_dim, q_dtype, kv_dtype, scale,
                stats ? pos_pool : nullptr, query_position, stat_sink, stat_local};
   const ChunkFn run = pick_chunk_fn();
+  std::vector<Workspace> workspaces =
+      thread_workspaces<Workspace>("decode_attention", std::max(n_items, rows), head_dim, kv_dtype == kFloat16);
 
-#pragma omp parallel
+#pragma omp parallel num_threads(static_cast<int>(workspaces.size()))
   {
-    Workspace w(head_dim, kv_dtype == kFloat16);
+    Workspace& w = workspaces[thread_num()];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n_items; ++i)
       run(a, items[i], w, accs.data() + i * head_dim, &maxes[i], &sums[i], stats ? &item_stats[i] : nullptr);

@@ -179,10 +179,15 @@ void head_statistics(const void* q, const void* k, int64_t heads, int64_t tokens
   const Args a{q, k, tokens_q, tokens_k, head_dim, (tokens_k + kKeyBlock - 1) / kKeyBlock * kKeyBlock, q_start,
                std::max<int64_t>(0, min_query - q_start), sink_size, local_window, log2_bins,
                head_statistics_fields(log2_bins), dtype, scale, recent_ratio, sums};
+  if (a.first_query >= tokens_q) {  // no query counts: zero sums, without converting a single key
+    std::fill(sums, sums + heads * a.fields, 0.0);
+    return;
+  }
   const HeadFn run_head = pick_head_fn();
-#pragma omp parallel
+  std::vector<Workspace> workspaces = thread_workspaces<Workspace>("head_statistics", heads, a);
+#pragma omp parallel num_threads(static_cast<int>(workspaces.size()))
   {
-    Workspace w(a);
+    Workspace& w = workspaces[thread_num()];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t h = 0; h < heads; ++h) run_head(a, h, w);
   }

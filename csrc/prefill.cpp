@@ -290,9 +290,10 @@ void prefill_attention(const void* q, const void* q_sink, const void* k, const v
                sink_size, window_size, fill, out,  heads,     tokens,     head_dim, padded_dim, blocks, q_dtype,
                kv_dtype, scale};
   const BlockFn run = pick_block_fn();
-#pragma omp parallel
+  std::vector<Workspace> workspaces = thread_workspaces<Workspace>("prefill_attention", items, a);
+#pragma omp parallel num_threads(static_cast<int>(workspaces.size()))
   {
-    Workspace w(a);
+    Workspace& w = workspaces[thread_num()];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) run(a, item, w);
   }

@@ -7,12 +7,13 @@ needed, as for the build), so undefined behaviour fails a test instead of passin
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from test_ops import SINKS, TOL, WINDOWS, filled_cache, left_padded
+from test_ops import SINKS, TOL, WINDOWS, ext, filled_cache, left_padded
 
 from headkv_engine import ops
 from headkv_engine.ops.prefill import visible
@@ -203,3 +204,64 @@ def test_append_bounds_checks_are_free_of_overflow(tmp_path):
         }
     """, "append.cpp")
     assert out.split() == ["refused", "refused", "refused", "accepted", "untouched", "1"]
+
+
+# ---- working memory that cannot be allocated ---------------------------------------------------------------
+# Sizes no allocator can serve (the per-thread buffers would exceed what a std::vector can hold), given straight
+# to the extension: the kernel must raise MemoryError before it reads a value, rather than let the failure leave
+# an OpenMP region (std::terminate: the process dies). Each case runs in a subprocess so a crash fails only it.
+
+HUGE_DIM = 1 << 58  # x 16 query lanes (prefill) or x 4 bytes: past any std::vector's max_size
+
+ALLOCATION_CASES = {
+    "decode_attention": """
+        ext.decode_attention(ptr(buf), 0, ptr(buf), ptr(buf), ptr(zero), ptr(zero), 0, 0, ptr(buf), 1, 1, HUGE, 0,
+                             0, 0, 1.0)""",
+    "prefill_attention": """
+        ext.prefill_attention(ptr(buf), 0, ptr(buf), ptr(buf), ptr(zero), ptr(buf), ptr(buf), ptr(zero), ptr(zero),
+                              ptr(zero), ptr(one), ptr(one), 0, ptr(buf), 1, 1, 1, HUGE, 0, 0, 0, 1.0)""",
+    "append": """
+        ext.append(ptr(buf), ptr(buf), ptr(zero), ptr(zero), ptr(buf), ptr(buf), ptr(zero), ptr(one), ptr(zero), 1,
+                   1, 1, HUGE * 16, 1, 1, 0)""",
+    "head_statistics": """
+        ext.head_statistics(ptr(buf), ptr(buf), 1, 1, 1 << 40, HUGE >> 20, 0, (1 << 40) - 1, 1.0, 4, 8, 0.1, 0, 41,
+                            ptr(sums))""",
+}
+
+
+def run_extension(script: str) -> subprocess.CompletedProcess:
+    """Runs `script` in a fresh interpreter with `ext` (the compiled module alone, without torch), `ptr`, and
+    small ctypes buffers: buf (floats), zero / one (int64 0 / 1), sums (doubles, filled with 7)."""
+    module = ext()
+    prelude = f"""
+        import ctypes, importlib.machinery, importlib.util
+        loader = importlib.machinery.ExtensionFileLoader({module.__name__!r}, {module.__file__!r})
+        ext = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+        loader.exec_module(ext)
+        ptr = ctypes.addressof
+        HUGE = {HUGE_DIM}
+        buf, zero, one = (ctypes.c_float * 64)(), (ctypes.c_int64 * 4)(0), (ctypes.c_int64 * 4)(1)
+        sums = (ctypes.c_double * 256)(*([7.0] * 256))
+    """
+    code = textwrap.dedent(prelude) + textwrap.dedent(script)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("kernel", list(ALLOCATION_CASES))
+def test_working_memory_that_cannot_be_allocated_is_a_memory_error(kernel):
+    call = textwrap.indent(textwrap.dedent(ALLOCATION_CASES[kernel]).strip(), "    ")
+    done = run_extension(f"try:\n{call}\nexcept MemoryError as e:\n    print('MemoryError:', e)\n")
+    assert done.returncode == 0, f"the process died (exit {done.returncode}): {done.stderr[-2000:]}"
+    assert f"MemoryError: {kernel}: cannot allocate the working memory" in done.stdout
+
+
+def test_statistics_with_no_query_counted_allocate_and_read_nothing():
+    """min_query past every query: zero sums at once (no key converted, no working memory)."""
+    done = run_extension("""
+        ext.head_statistics(ptr(buf), ptr(buf), 1, 1, 1 << 40, HUGE >> 20, 0, (1 << 40) - 1, 1.0, 4, 8, 0.1,
+                            1 << 41, 41, ptr(sums))
+        fields = ext.head_statistics_fields(41)
+        print(list(sums[:fields]) == [0.0] * fields, sums[fields] == 7.0)
+    """)
+    assert done.returncode == 0, f"the process died (exit {done.returncode}): {done.stderr[-2000:]}"
+    assert done.stdout.split() == ["True", "True"]
