@@ -34,6 +34,26 @@ def rotate(x, cos, sin):
     return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
 
 
+def rotary_float64_angles(handle, rotary, x, positions):
+    """cos, sin as `rotary(x, positions)` gives them, with the angles position * frequency computed in float64
+    on the host (where `positions` are; some devices have no float64); `handle` keeps the host copy of the
+    frequencies, so a step reads nothing back from the device.
+
+    Shifted mode rotates window keys and queries at their absolute positions, whose scores depend only on the
+    difference: a float32 angle at position 1e7 is off by up to half a radian (its rounding step is 1), float64
+    angles keep cos/sin exact to float32 at any position, as a rank-rotated cache would be."""
+    key = (rotary.inv_freq.data_ptr(), rotary.inv_freq._version, rotary.inv_freq.dtype)
+    if handle._host_inv_freq is None or handle._host_inv_freq[0] != key:
+        handle._host_inv_freq = (key, rotary.inv_freq.detach().to("cpu", torch.float64))
+    inv_freq = handle._host_inv_freq[1]
+    freqs = positions.to("cpu", torch.float64)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    scaling = rotary.attention_scaling
+    cos = (emb.cos() * scaling).to(x.device, x.dtype)
+    sin = (emb.sin() * scaling).to(x.device, x.dtype)
+    return cos, sin
+
+
 def model_forward(
     self,
     input_ids=None,
@@ -95,12 +115,15 @@ def model_forward(
                          f"with {handle.position_mode!r}: their keys are rotated differently")
     cache.backend = handle.backend  # the patched model's backend computes, whoever built the cache
     new_mask = None if attention_mask is None else attention_mask[:, -tokens:]
-    positions = cache.begin_step(tokens, batch, new_mask).to(inputs_embeds.device)
+    host_positions = cache.begin_step(tokens, batch, new_mask)  # (on the host, where the cache counts)
     if position_ids is None or handle.position_mode == "shifted":
-        position_ids = positions.clamp(min=0)
+        position_ids = host_positions.clamp(min=0).to(inputs_embeds.device)
 
     hidden_states = self.emb_dropout(inputs_embeds)
-    position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+    if handle.position_mode == "shifted":
+        position_embeddings = rotary_float64_angles(handle, self.rotary_emb, hidden_states, host_positions.clamp(min=0))
+    else:
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
     all_hidden_states = (hidden_states,) if output_hidden_states else None
     try:
         for layer in self.layers:

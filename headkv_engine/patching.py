@@ -41,6 +41,7 @@ class PatchHandle:
         self.position_mode = position_mode
         self._model_type = model_type  # (a name, not the module: a patched model stays deep-copyable)
         self.active = False
+        self._host_inv_freq = None  # (key, float64 host copy of the rotary frequencies), for shifted mode
 
     @property
     def _family(self):

@@ -581,3 +581,28 @@ def test_float64_model_runs_on_the_torch_backend_and_kernel_backends_refuse_it(i
     for backend in ("cpu", "triton", "metal"):
         with hk.patch_model(model, profile, backend=backend), pytest.raises(TypeError, match="backend='torch'"):
             model(ids)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_shifted_mode_keeps_float32_precision_at_large_positions(model, backend):
+    """Shifted window heads score keys by their distance to the query: a stream 10^7 tokens in gives what it
+    gives at its start (a float32 angle at 10^7 is off by up to half a radian)."""
+    profile = hk.Profile.window_only(LAYERS, HEADS, window_size=24, head_dim=HEAD_DIM)
+    profile.heads = {(0, 0): HeadPolicy.make("window_only", None, 5), (1, 1): HeadPolicy.make("window_only", None, 3)}
+    ids = torch.randint(0, 97, (2, 34), generator=torch.Generator().manual_seed(1))
+    full_rotary = tiny_model(LAYERS, HEADS, HEAD_DIM, rotary_pct=1.0)
+
+    def logits_from(offset, m):
+        with hk.patch_model(m, profile, backend=backend, position_mode="shifted"):
+            cache = hk.HeadKVCache(profile, position_mode="shifted")
+            # as if `offset` tokens had gone by: the first block (longer than every window) fills every kept
+            # row, so only the rotations see the offset (no head keeps sinks, which would hold positions < 4)
+            cache.seen = torch.full((2,), offset)
+            out = [m(ids[:, :25], cache=cache, use_cache=True).logits]
+            out += [m(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(25, 34)]
+        return torch.cat(out, dim=1)
+
+    for m in (model, full_rotary):
+        start = logits_from(0, m)
+        for offset in (10**5, 10**7):
+            torch.testing.assert_close(logits_from(offset, m), start, atol=1e-4, rtol=0)
