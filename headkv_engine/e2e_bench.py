@@ -1,10 +1,10 @@
 """`headkv bench`: end-to-end generation with each compression method against the full cache, in one run.
 
-For every method and prompt: TTFT (prefill and the first token), TPOT (mean time of each later token),
+For every method and prompt: TTFT (prefill and the first token), TPOT (median time of each later token),
 throughput (generated tokens per second over the whole generation), peak memory and KV bytes. Each method runs
 in its own subprocess so that its peak memory (CUDA: max allocated; CPU: peak RSS above the loaded model) is
-its own. Methods: full, streaming_llm, head_aware, from_budget (ragged cache of the patched model),
-l2_compress, fix_size_l2 (dense cache pruned by key norm after prefill, Devoto et al. 2024).
+its own. Methods: full, streaming_llm, head_aware, from_budget (ragged cache of the patched model), l2_compress,
+fix_size_l2 (dense cache pruned by key norm after prefill, Devoto et al. 2024).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 import transformers
@@ -89,14 +90,24 @@ def _profile(method, model, args):
     if method == "streaming_llm":
         return Profile.streaming_llm(layers, heads, sink_size=4, window_size=args.budget - 4)
     if method == "head_aware":
-        if not args.classifications:
-            raise ValueError("--method head_aware needs --classifications (a head_classifications.json)")
         return Profile.from_classifications(args.classifications)
     if method == "from_budget":
-        if not args.statistics:
-            raise ValueError("--method from_budget needs --statistics (a head_statistics.json)")
         return Profile.from_budget(args.statistics, args.budget, length=args.max_tokens)
     return None
+
+
+def _prompts(tokenizer, text, args) -> list:
+    """--num-samples prompts of --max-tokens tokens (fewer, with a warning, if the text runs out)."""
+    ids = loading.encode(tokenizer, text, args.num_samples * args.max_tokens, builtin=args.model == loading.BUILTIN)
+    prompts = [ids[i * args.max_tokens : (i + 1) * args.max_tokens] for i in range(args.num_samples)]
+    prompts = [p for p in prompts if p.numel() == args.max_tokens]
+    if not prompts:
+        raise ValueError(f"--max-tokens: the text has {ids.numel()} tokens, fewer than one prompt of "
+                         f"--max-tokens={args.max_tokens}")
+    if len(prompts) < args.num_samples:
+        warnings.warn(f"--num-samples: {args.num_samples} prompts of {args.max_tokens} tokens (--max-tokens) asked "
+                      f"for, the text holds only {len(prompts)}; using {len(prompts)}", stacklevel=2)
+    return prompts
 
 
 def worker(args) -> dict:
@@ -104,12 +115,9 @@ def worker(args) -> dict:
     device = torch.device(args.device)
     model, tokenizer, name = loading.load_model(args.model)
     model.to(device)
-    text = loading.load_text(args.text_file, None)
-    ids = loading.encode(tokenizer, text, args.num_samples * args.max_tokens, builtin=args.model == loading.BUILTIN)
-    prompts = [ids[i * args.max_tokens : (i + 1) * args.max_tokens].to(device) for i in range(args.num_samples)]
-    prompts = [p for p in prompts if p.numel() == args.max_tokens]
-    if not prompts:
-        raise ValueError(f"the text has fewer than --max-tokens={args.max_tokens} tokens")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the parent has warned
+        prompts = [p.to(device) for p in _prompts(tokenizer, loading.load_text(args.text_file, None), args)]
     profile = _profile(args.method, model, args)
     compress = {
         "l2_compress": lambda cache: l2_compress(cache, keep_ratio=min(1.0, args.budget / args.max_tokens)),
@@ -146,14 +154,40 @@ def worker(args) -> dict:
     }
 
 
+BUDGETED = ("streaming_llm", "from_budget", "l2_compress", "fix_size_l2")
+
+
+def check_arguments(args) -> list[str]:
+    """The methods to run, once every input has been checked (before the first measurement): ValueErrors that
+    name the flag."""
+    methods = list(METHODS) if args.compare_all else list(dict.fromkeys(["full", args.method]))
+    for method, flag, path, what in (("head_aware", "--classifications", args.classifications,
+                                      "a head_classifications.json"),
+                                     ("from_budget", "--statistics", args.statistics, "a head_statistics.json")):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{flag}: {path!r} is not a file")
+        if not path and method in methods:
+            if not args.compare_all:
+                raise ValueError(f"--method {method} needs {flag} ({what})")
+            methods.remove(method)  # --compare-all: the methods whose inputs are given
+    if "streaming_llm" in methods and args.budget <= 4:
+        raise ValueError(f"--budget: must exceed the 4 StreamingLLM sinks, got {args.budget}")
+    if any(m in methods for m in BUDGETED) and args.budget >= args.max_tokens:
+        raise ValueError(f"--budget: expected fewer kept tokens than the prompt's --max-tokens ({args.max_tokens}), "
+                         f"got {args.budget}: nothing would be compressed")
+    config = loading.load_config(args.model)
+    # the profiles' files are read and checked against the model's shape here, not after the full-cache run
+    if "head_aware" in methods:
+        Profile.from_classifications(args.classifications).check_model(config)
+    if "from_budget" in methods:
+        Profile.from_budget(args.statistics, args.budget, length=args.max_tokens).check_model(config)
+    _prompts(loading.load_tokenizer(args.model), loading.load_text(args.text_file, None), args)
+    return methods
+
+
 def run(args) -> list[dict]:
     """Every requested method (and `full`) in its own subprocess; CSV and markdown into args.output_dir."""
-    methods = list(METHODS) if args.compare_all else list(dict.fromkeys(["full", args.method]))
-    if args.compare_all:
-        if not args.classifications:
-            methods.remove("head_aware")
-        if not args.statistics:
-            methods.remove("from_budget")
+    methods = check_arguments(args)
     rows = []
     for method in methods:
         cmd = [sys.executable, "-m", "headkv_engine.e2e_bench", "--method", method, "--model", args.model,

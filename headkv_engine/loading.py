@@ -19,26 +19,44 @@ def load_model(model_id: str = BUILTIN, dtype=torch.float32):
     if model_id == BUILTIN:
         model, tokenizer = zoo.load_builtin_model(dtype=dtype)
         return model, tokenizer, "headkv-builtin"
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    load_config(model_id)
+    tokenizer = load_tokenizer(model_id)
+    model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype).eval()
+    return model, tokenizer, model_id
+
+
+def load_config(model_id: str = BUILTIN):
+    """The model's config, without its weights (to check inputs against its shape); GPTNeoX only."""
+    from transformers import AutoConfig  # noqa: PLC0415
 
     try:
-        config = AutoConfig.from_pretrained(model_id)
+        config = AutoConfig.from_pretrained(zoo.BUILTIN_DIR if model_id == BUILTIN else model_id)
     except OSError as exc:
         raise ValueError(f"--model: cannot load {model_id!r} as a local directory or hub id ({exc})") from exc
     if config.model_type != "gpt_neox":
         raise ValueError(f"--model: {model_id!r} is a {config.model_type!r} model; headkv-engine supports GPTNeoX "
                          "(Pythia) models (model_type 'gpt_neox')")
+    return config
+
+
+def load_tokenizer(model_id: str = BUILTIN):
+    """The model's tokenizer alone (to count a text's tokens before loading the weights)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: PLC0415
+
+    if model_id == BUILTIN:  # as zoo.load_builtin_model builds it
+        return PreTrainedTokenizerFast(tokenizer_file=os.path.join(zoo.BUILTIN_DIR, "tokenizer.json"),
+                                       bos_token=zoo.BOS_TOKEN, eos_token=zoo.EOS_TOKEN, pad_token=zoo.EOS_TOKEN)
     # transformers builds an empty tokenizer for a directory without tokenizer files: look for them first
     files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     if os.path.isdir(model_id) and not any(os.path.isfile(os.path.join(model_id, f)) for f in files):
         raise ValueError(f"--model: {model_id!r} has no tokenizer (none of {', '.join(files)}); save one beside "
                          "the model (tokenizer.save_pretrained)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        return AutoTokenizer.from_pretrained(model_id)
     except (OSError, ValueError) as exc:
         raise ValueError(f"--model: {model_id!r} has no tokenizer ({exc})") from exc
-    model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype).eval()
-    return model, tokenizer, model_id
 
 
 def load_text(text_file: str | None = None, dataset: str | None = None) -> str:

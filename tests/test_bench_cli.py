@@ -1,0 +1,56 @@
+"""`headkv bench` (headkv_engine.e2e_bench): its inputs, its warm-up and its memory figures, in process."""
+
+import json
+
+import pytest
+
+from headkv_engine import e2e_bench
+from headkv_engine.cli import build_parser, main
+
+
+def bench_args(model_dir, text_file, *extra):
+    return build_parser().parse_args(["bench", "--model", str(model_dir), "--text-file", str(text_file),
+                                      "--num-samples", "2", "--max-tokens", "40", "--max-new-tokens", "3",
+                                      "--budget", "12", "--device", "cpu", *extra])
+
+
+@pytest.fixture
+def no_subprocess(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a method ran before the inputs were checked")
+
+    monkeypatch.setattr(e2e_bench.subprocess, "run", refuse)
+
+
+def test_inputs_checked_before_any_method_runs(model_dir, text_file, tmp_path, no_subprocess):
+    def refused(*extra):
+        with pytest.raises(ValueError) as error:
+            e2e_bench.run(bench_args(model_dir, text_file, *extra, "--output-dir", str(tmp_path / "b")))
+        return str(error.value)
+
+    assert refused() == "--method head_aware needs --classifications (a head_classifications.json)"
+    assert refused("--method", "from_budget") == "--method from_budget needs --statistics (a head_statistics.json)"
+    missing = str(tmp_path / "missing.json")
+    assert refused("--compare-all", "--statistics", missing) == f"--statistics: {missing!r} is not a file"
+    assert refused("--method", "streaming_llm", "--budget", "4").startswith("--budget: must exceed the 4")
+    assert refused("--method", "l2_compress", "--budget", "40").startswith(
+        "--budget: expected fewer kept tokens than the prompt's --max-tokens (40), got 40")
+    classifications = tmp_path / "head_classifications.json"  # of a model with 3 layers; the tiny one has 2
+    classifications.write_text(json.dumps({"classifications": [
+        {"layer_idx": layer, "head_idx": head, "compression_strategy": "none"} for layer in range(3)
+        for head in range(4)]}))
+    assert "model.num_layers: profile has 3, the model has 2" in refused("--classifications", str(classifications))
+    assert refused("--method", "full", "--max-tokens", "500").startswith("--max-tokens: the text has 400 tokens")
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join(["the"] * 60))
+    with pytest.warns(UserWarning, match="--num-samples: 2 prompts of 40 tokens .* holds only 1"):
+        with pytest.raises(AssertionError, match="before the inputs were checked"):  # checked, then the run
+            e2e_bench.run(build_parser().parse_args(
+                ["bench", "--model", str(model_dir), "--text-file", str(short), "--method", "full",
+                 "--num-samples", "2", "--max-tokens", "40", "--output-dir", str(tmp_path / "b")]))
+
+
+def test_bench_command_names_the_missing_flag(model_dir, text_file, tmp_path, capsys, no_subprocess):
+    assert main(["bench", "--model", str(model_dir), "--text-file", str(text_file), "--max-tokens", "40",
+                 "--output-dir", str(tmp_path / "b")]) == 2
+    assert "--method head_aware needs --classifications" in capsys.readouterr().err
