@@ -6,12 +6,30 @@ import pytest
 
 from headkv_engine import e2e_bench
 from headkv_engine.cli import build_parser, main
+from headkv_engine.patching import is_patched
 
 
 def bench_args(model_dir, text_file, *extra):
     return build_parser().parse_args(["bench", "--model", str(model_dir), "--text-file", str(text_file),
                                       "--num-samples", "2", "--max-tokens", "40", "--max-new-tokens", "3",
                                       "--budget", "12", "--device", "cpu", *extra])
+
+
+@pytest.mark.parametrize("method", ["full", "streaming_llm", "fix_size_l2"])
+def test_each_method_is_warmed_up_in_the_state_it_is_measured_in(model_dir, text_file, monkeypatch, method):
+    calls = []
+    generate = e2e_bench._generate
+
+    def recording(model, prompt, new_tokens, compress=None):
+        calls.append((is_patched(model), compress is not None, prompt.numel()))
+        return generate(model, prompt, new_tokens, compress)
+
+    monkeypatch.setattr(e2e_bench, "_generate", recording)
+    row = e2e_bench.worker(bench_args(model_dir, text_file, "--method", method))
+    state = (method == "streaming_llm", method == "fix_size_l2")
+    # the warm-up (first call), then the two measured prompts: all in the same state, at the measured length
+    assert calls == [(*state, 40)] * 3
+    assert row["prompts"] == 2
 
 
 @pytest.fixture
