@@ -2,10 +2,10 @@
 
 For every method and prompt: TTFT (prefill and the first token), TPOT (median time of each later token),
 throughput (generated tokens per second over the whole generation), peak memory and KV bytes. Each method runs
-in its own subprocess, warmed up in the state it is measured in, so that its peak memory (CUDA: max allocated;
-CPU: peak RSS above the loaded model) is its own. Methods: full, streaming_llm, head_aware, from_budget (ragged
-cache of the patched model), l2_compress, fix_size_l2 (dense cache pruned by key norm after prefill, Devoto et
-al. 2024).
+in its own subprocess, warmed up in the state it is measured in, so that its peak memory (PEAK_MEMORY: on CUDA
+the max allocated, on a Linux CPU the peak RSS, above what the process held before generating) is its own.
+Methods: full, streaming_llm, head_aware, from_budget (ragged cache of the patched model), l2_compress,
+fix_size_l2 (dense cache pruned by key norm after prefill, Devoto et al. 2024).
 """
 
 from __future__ import annotations
@@ -33,18 +33,60 @@ from headkv_engine.profile import Profile, write_json_atomic
 METHODS = ("full", "streaming_llm", "head_aware", "from_budget", "l2_compress", "fix_size_l2")
 
 
-def _rss_mb() -> float:
-    """The process's resident memory in MiB: now on Linux; elsewhere (macOS) its peak so far, all getrusage gives."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
-    except OSError:
-        return _peak_rss_mb()
+def _proc_status_mb(field: str) -> float:
+    """A memory figure of /proc/self/status (Linux), in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(f"{field}:"))
 
 
 def _peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _reset_peak_rss() -> bool:
+    """Set Linux's resident-memory high-water mark (VmHWM) to the present resident memory; False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _proc_status_mb("VmHWM")
+        return True
+    except (OSError, StopIteration):
+        return False
+
+
+PEAK_MEMORY = {
+    "cuda_max_allocated": "CUDA memory allocated at the peak of generation, above what was allocated before it",
+    "rss_peak": "peak resident memory during generation (VmHWM, reset before it), above the resident memory "
+                "before it",
+    "rss_peak_growth": "rise of the process's peak resident memory (getrusage) during generation: 0 where "
+                       "generation stayed below the peak of loading the model",
+}
+
+
+class PeakMemory:
+    """The peak memory of what runs after it is made, above what the process held then, in MiB (never negative);
+    `kind` says which figure it is (PEAK_MEMORY)."""
+
+    def __init__(self, device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.kind, self.base = "cuda_max_allocated", torch.cuda.memory_allocated(device) / 2**20
+        elif _reset_peak_rss():
+            # read after the reset: the mark can only rise from here, so the figure is >= 0
+            self.kind, self.base = "rss_peak", _proc_status_mb("VmRSS")
+        else:  # the lifetime peak cannot be reset (macOS): only its rise is this run's
+            self.kind, self.base = "rss_peak_growth", _peak_rss_mb()
+
+    def peak_mb(self) -> float:
+        if self.kind == "cuda_max_allocated":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            peak = _proc_status_mb("VmHWM") if self.kind == "rss_peak" else _peak_rss_mb()
+        return max(0.0, peak - self.base)
 
 
 def _kv_bytes(cache) -> int:
@@ -130,30 +172,24 @@ def worker(args) -> dict:
         # warm up in the state that is measured: the patched kernels' first calls (loading, compiling, first
         # dispatch) and the compression are not timed
         _generate(model, prompts[0], 2, compress)
-        base = _rss_mb()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base_cuda = torch.cuda.memory_allocated(device)
+        memory = PeakMemory(device)
         for prompt in prompts:
             ttft, times, cache = _generate(model, prompt, args.max_new_tokens, compress)
             ttfts.append(ttft)
             token_times.extend(times)
             kv.append(_kv_bytes(cache))
             total_time += ttft + sum(times)
+        peak = memory.peak_mb()
     finally:
         if handle is not None:
             handle.unpatch()
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20
-    else:
-        peak = _peak_rss_mb() - base
     return {
         "method": args.method, "model": name, "prompts": len(prompts), "prompt_tokens": args.max_tokens,
         "new_tokens": args.max_new_tokens,
         "budget": args.budget if args.method not in ("full", "head_aware") else None,
         "ttft_ms": 1000 * statistics.median(ttfts), "tpot_ms": 1000 * statistics.median(token_times),
         "throughput_tok_s": len(prompts) * args.max_new_tokens / total_time, "peak_memory_mb": peak,
-        "kv_bytes": int(statistics.median(kv)), "backend": args.backend,
+        "peak_memory": memory.kind, "kv_bytes": int(statistics.median(kv)), "backend": args.backend,
     }
 
 
@@ -237,6 +273,10 @@ def _write(rows, output_dir):
         lines.append(f"| {r['method']} | {r['budget'] or '-'} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | "
                      f"{r['throughput_tok_s']:.1f} | {r['peak_memory_mb']:.0f} | {r['kv_bytes']:,} | "
                      f"{r['tpot_speedup_vs_full']:.2f}x | {100 * r['kv_fraction_of_full']:.1f}% |")
+    kinds = dict.fromkeys(r["peak_memory"] for r in rows)
+    lines += ["", "Peak memory: " + "; ".join(PEAK_MEMORY[k] for k in kinds) + ", in MiB, each method in its own "
+              "process. KV bytes: the K/V storage of the cache at the end of a prompt's generation (median over "
+              "prompts)."]
     write_text_atomic(os.path.join(output_dir, "bench_results.md"), "\n".join(lines) + "\n")
 
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from headkv_engine import e2e_bench
 from headkv_engine.cli import build_parser, main
@@ -29,7 +30,28 @@ def test_each_method_is_warmed_up_in_the_state_it_is_measured_in(model_dir, text
     state = (method == "streaming_llm", method == "fix_size_l2")
     # the warm-up (first call), then the two measured prompts: all in the same state, at the measured length
     assert calls == [(*state, 40)] * 3
-    assert row["prompts"] == 2
+    assert row["prompts"] == 2 and row["peak_memory_mb"] >= 0
+
+
+def test_peak_memory_is_the_measured_runs_own():
+    held = torch.ones(64 * 2**20, dtype=torch.uint8)  # a peak before the measurement (as loading a model makes)
+    held.add_(1)
+    del held
+    memory = e2e_bench.PeakMemory(torch.device("cpu"))
+    assert memory.kind == "rss_peak"
+    during = torch.ones(24 * 2**20, dtype=torch.uint8)
+    during.add_(1)
+    peak = memory.peak_mb()
+    del during
+    assert 16 <= peak < 56  # the 24 MiB of the run, not the earlier peak
+    assert memory.peak_mb() > 16  # a peak, not the present memory (the kernel's counters are exact to ~1 MiB)
+
+
+def test_peak_memory_without_a_resettable_peak_never_goes_negative(monkeypatch):
+    monkeypatch.setattr(e2e_bench, "_reset_peak_rss", lambda: False)  # macOS: getrusage's lifetime peak only
+    memory = e2e_bench.PeakMemory(torch.device("cpu"))
+    assert memory.kind == "rss_peak_growth" and memory.kind in e2e_bench.PEAK_MEMORY
+    assert memory.peak_mb() >= 0
 
 
 @pytest.fixture
@@ -72,3 +94,13 @@ def test_bench_command_names_the_missing_flag(model_dir, text_file, tmp_path, ca
     assert main(["bench", "--model", str(model_dir), "--text-file", str(text_file), "--max-tokens", "40",
                  "--output-dir", str(tmp_path / "b")]) == 2
     assert "--method head_aware needs --classifications" in capsys.readouterr().err
+
+
+def test_results_say_what_the_memory_figure_is(tmp_path):
+    row = {"method": "full", "model": "m", "prompts": 1, "prompt_tokens": 8, "new_tokens": 2, "budget": None,
+           "ttft_ms": 1.0, "tpot_ms": 1.0, "throughput_tok_s": 1.0, "peak_memory_mb": 3.0, "peak_memory": "rss_peak",
+           "kv_bytes": 10, "backend": "torch", "date": "d", "machine": "m", "torch": "t", "transformers": "t",
+           "headkv_engine": "h", "commit": "c", "tpot_speedup_vs_full": 1.0, "kv_fraction_of_full": 1.0}
+    e2e_bench._write([row], tmp_path)
+    md = (tmp_path / "bench_results.md").read_text()
+    assert f"Peak memory: {e2e_bench.PEAK_MEMORY['rss_peak']}, in MiB" in md

@@ -70,7 +70,10 @@ def test_bench_compares_with_the_full_cache(tmp_path, capsys):
     full, streaming = rows
     assert streaming["kv_bytes"] < full["kv_bytes"] and streaming["kv_fraction_of_full"] < 1
     assert all(r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["throughput_tok_s"] > 0 for r in rows)
-    assert "| streaming_llm | 24 |" in (out / "bench_results.md").read_text()
+    md = (out / "bench_results.md").read_text()
+    assert "| streaming_llm | 24 |" in md
+    assert all(r["peak_memory"] == "rss_peak" and r["peak_memory_mb"] >= 0 for r in rows)
+    assert "Peak memory: peak resident memory during generation (VmHWM" in md
     assert main(args) == 2  # results are not overwritten without --force
     assert "--force" in capsys.readouterr().err
     assert main([*args[:-2], "--max-new-tokens", "1", "--output-dir", str(tmp_path / "b1")]) == 2
@@ -100,7 +103,7 @@ def test_builtin_head_types_match_the_model_card():
 
 
 def test_bench_memory_reading_works_without_proc(monkeypatch):
-    """`headkv bench` on macOS: no /proc, ru_maxrss in bytes; the reading falls back to the peak so far."""
+    """`headkv bench` on macOS: no /proc, ru_maxrss in bytes; the reading falls back to the rise of the peak."""
     import builtins
     import resource
 
@@ -115,7 +118,9 @@ def test_bench_memory_reading_works_without_proc(monkeypatch):
 
     monkeypatch.setattr(builtins, "open", no_proc)
     linux = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    assert e2e_bench._rss_mb() == pytest.approx(linux, rel=0.05)
+    assert e2e_bench._peak_rss_mb() == pytest.approx(linux, rel=0.05)
+    memory = e2e_bench.PeakMemory(torch.device("cpu"))
+    assert memory.kind == "rss_peak_growth" and memory.peak_mb() >= 0
     monkeypatch.setattr(e2e_bench.sys, "platform", "darwin")
     assert e2e_bench._peak_rss_mb() == pytest.approx(linux / 1024, rel=0.05)  # the same count, read as bytes
 
