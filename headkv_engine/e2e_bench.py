@@ -259,6 +259,7 @@ def _machine(device) -> str:
 
 def _write(rows, output_dir):
     os.makedirs(output_dir, exist_ok=True)
+    loading.remove_outputs(output_dir, loading.OUTPUTS["bench"])  # and an interrupted earlier write's temporaries
     write_csv_atomic(os.path.join(output_dir, "bench_results.csv"), rows)
     write_json_atomic(os.path.join(output_dir, "bench_results.json"), rows)
     r0 = rows[0]
