@@ -71,7 +71,8 @@ def validate(args) -> int:
             raise ValueError(f"--results-dir: {cls_path} not found; pass --reclassify to classify from the statistics")
         classifications = load_classifications(cls_path)
         check_same_heads(statistics, classifications)  # before anything is written
-    loading.prepare_output_dir(output_dir, args.force)
+    if os.path.exists(output_dir):  # a new one is made by write_validation, which removes it again if it fails
+        loading.prepare_output_dir(output_dir, args.force, loading.OUTPUTS["validate"])
     files = write_validation(statistics, info, output_dir, classifications)
     print(f"wrote {', '.join(files)} to {output_dir}")
     return 0

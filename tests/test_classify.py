@@ -93,3 +93,23 @@ def test_save_and_reclassify(tmp_path):
     assert data["summary"]["limitable_heads"] == 1
     profile = hk.Profile.from_classifications(path)
     assert profile.policy(0, 0).strategy == "sink_window" and profile.policy(0, 1).strategy == "full"
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("layer_idx", "0", "classifications[1].layer_idx: expected an integer >= 0, got '0'"),
+    ("head_idx", -1, "classifications[1].head_idx: expected an integer >= 0, got -1"),
+    ("confidence", 1.5, "classifications[1].confidence (layer 0, head 1): expected a number in [0, 1], got 1.5"),
+    ("head_type", "positional2", "classifications[1].head_type (layer 0, head 1): expected one of ['dead', "),
+])
+def test_load_refuses_bad_fields(tmp_path, field, value, expected):
+    from headkv_engine.analysis import load_classifications  # noqa: PLC0415
+
+    path = tmp_path / "head_classifications.json"
+    hk.save_classifications(hk.classify([stat(head=0), stat(head=1)]), path)
+    assert len(load_classifications(path)) == 2
+    data = json.loads(path.read_text())
+    data["classifications"][1][field] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as error:
+        load_classifications(path)
+    assert str(error.value).startswith(f"{path}: {expected}")

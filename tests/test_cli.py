@@ -156,3 +156,96 @@ def test_ablate_checks_budgets_first(model_dir, text_file, tmp_path, capsys, bud
     assert main(cmd) == 2
     assert "--budgets: every budget must exceed the 4 StreamingLLM sinks" in capsys.readouterr().err
     assert not (tmp_path / "ablation").exists()
+
+
+@pytest.fixture(scope="module")
+def analysis(model_dir, text_file, tmp_path_factory):
+    """An analysis directory of the tiny model; tests edit copies of it."""
+    out = tmp_path_factory.mktemp("analysis") / "analysis"
+    assert main(["analyze", "--model", str(model_dir), "--text-file", str(text_file), "--max-tokens", "60",
+                 "--output-dir", str(out)]) == 0
+    return out
+
+
+def _copy(analysis, tmp_path):
+    import shutil  # noqa: PLC0415
+
+    return shutil.copytree(analysis, tmp_path / "analysis")
+
+
+def _edit(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _without_local(data):
+    del data["head_statistics"][2]["position_preference"]["local"]
+
+
+def _preference_list(data):
+    data["head_statistics"][2]["position_preference"] = [0.25] * 4
+
+
+def _entropy_text(data):
+    data["head_statistics"][1]["mean_entropy"] = "high"
+
+
+@pytest.mark.parametrize("change, field", [
+    (_without_local, "head_statistics[2]: position_preference"),
+    (_preference_list, "head_statistics[2]: position_preference"),
+    (_entropy_text, "head_statistics[1]: mean_entropy"),
+    (lambda data: data.update(head_statistics=[]), "head_statistics: expected one entry per analysed head"),
+])
+def test_validate_refuses_bad_statistics_before_writing(analysis, tmp_path, capsys, change, field):
+    out = _copy(analysis, tmp_path)
+    _edit(out / "head_statistics.json", change)
+    assert main(["validate", "--results-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'head_statistics.json'}: {field}" in err, err
+    assert not (out / "validation").exists()
+
+
+@pytest.mark.parametrize("name", ["head_statistics.json", "head_classifications.json"])
+def test_validate_names_a_file_that_is_not_json(analysis, tmp_path, capsys, name):
+    out = _copy(analysis, tmp_path)
+    with open(out / name, "a") as f:
+        f.write("}")
+    assert main(["validate", "--results-dir", str(out)]) == 2
+    assert f"{out / name}: not a JSON file" in capsys.readouterr().err
+
+
+def test_validate_refuses_an_unknown_head_type(analysis, tmp_path, capsys):
+    out = _copy(analysis, tmp_path)
+    _edit(out / "head_classifications.json", lambda data: data["classifications"][5].update(head_type="weird"))
+    assert main(["validate", "--results-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (f"{out / 'head_classifications.json'}: classifications[5].head_type (layer 1, head 1): expected one of "
+            "['dead', 'gathering', 'mixed', 'positional', 'sink_mixed', 'sink_positional', 'true_positional'], got "
+            "'weird'") in err, err
+    assert not (out / "validation").exists()
+
+
+def test_validate_leaves_no_partial_output(analysis, tmp_path, capsys, monkeypatch):
+    from headkv_engine.analysis import report  # noqa: PLC0415
+
+    def fail(statistics, classifications, output_dir, thresholds=None):
+        open(f"{output_dir}/relative_position_by_type.png", "w").close()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "validation_figures", fail)
+    out = _copy(analysis, tmp_path)
+    assert main(["validate", "--results-dir", str(out), "--reclassify"]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert not (out / "validation").exists()
+
+
+def test_validate_force_removes_the_outputs_of_an_earlier_reclassify(analysis, tmp_path):
+    out = _copy(analysis, tmp_path)
+    (out / "validation").mkdir()
+    (out / "validation" / "notes.txt").write_text("kept")
+    assert main(["validate", "--results-dir", str(out), "--reclassify", "--force"]) == 0
+    assert (out / "validation" / "refined_classifications.json").is_file()
+    assert main(["validate", "--results-dir", str(out), "--force"]) == 0
+    assert not (out / "validation" / "refined_classifications.json").exists()  # not of this run
+    assert (out / "validation" / "validation_report.txt").is_file() and (out / "validation" / "notes.txt").is_file()

@@ -108,3 +108,25 @@ def test_save_round_trip(tmp_path):
     stats, info = load_statistics(path)
     assert stats == result.statistics
     assert info["num_layers"] == 2 and info["tokens"] == 50 and info["backend"] in ("cpu", "torch")
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("layer_idx", 1.0, "layer_idx: expected an integer >= 0, got 1.0"),
+    ("relative_position_dist", [0.5, 0.5], "relative_position_dist: expected a list of 64 numbers (layer 0, head 1)"),
+    ("sink_mass_by_size", [0.1], "sink_mass_by_size: expected an object"),
+    ("mass_by_query_position", [{"positions": [0, 1]}], "mass_by_query_position: expected a list of objects"),
+    ("position_preference", {"sink": 0.5, "local": 0.5, "recent": None, "global": 0.0},
+     "position_preference: expected an object with a number for each of ['sink', 'local', 'recent', 'global']"),
+])
+def test_load_names_the_file_entry_and_field(tmp_path, field, value, expected):
+    import json  # noqa: PLC0415
+
+    from headkv_engine.analysis import load_statistics  # noqa: PLC0415
+
+    path = hk.analyze(tiny_model(1, 2, 16), torch.randint(0, 97, (30,)), progress=False).save(tmp_path)
+    data = json.loads(open(path).read())
+    data["head_statistics"][1][field] = value
+    open(path, "w").write(json.dumps(data))
+    with pytest.raises(ValueError) as error:
+        load_statistics(path)
+    assert str(error.value).startswith(f"{path}: head_statistics[1]: {expected}"), error.value

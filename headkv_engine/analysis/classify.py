@@ -159,17 +159,36 @@ def save_classifications(classifications, path, scheme: str = "refined", thresho
 
 
 def load_classifications(path) -> list[HeadClassification]:
-    """The classifications of a head_classifications.json (seed 000 schema)."""
-    with open(os.fspath(path), encoding="utf-8") as f:
-        data = json.load(f)
+    """The classifications of a head_classifications.json (seed 000 schema); a ValueError names the file, the entry
+    and the field that is missing or wrong."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not a JSON file ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("classifications"), list):
-        raise ValueError(f"{os.fspath(path)}: expected a head_classifications.json with a 'classifications' list")
+        raise ValueError(f"{path}: expected a head_classifications.json with a 'classifications' list")
     fields = HeadClassification.__dataclass_fields__
     required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
+    types = sorted(t.value for t in HeadType)
     out = []
     for i, entry in enumerate(data["classifications"]):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: classifications[{i}]: expected an object, got {type(entry).__name__}")
         missing = [n for n in required if n not in entry]
         if missing:
-            raise ValueError(f"{os.fspath(path)}: classifications[{i}] lacks {missing}")
+            raise ValueError(f"{path}: classifications[{i}] lacks {missing}")
+        head = f"(layer {entry['layer_idx']}, head {entry['head_idx']})"
+        for key in ("layer_idx", "head_idx"):
+            if not isinstance(entry[key], int) or isinstance(entry[key], bool) or entry[key] < 0:
+                raise ValueError(f"{path}: classifications[{i}].{key}: expected an integer >= 0, got {entry[key]!r}")
+        if entry["head_type"] not in types:
+            raise ValueError(f"{path}: classifications[{i}].head_type {head}: expected one of {types}, got "
+                             f"{entry['head_type']!r}")
+        confidence = entry["confidence"]
+        if not isinstance(confidence, (int, float)) or isinstance(confidence, bool) or not 0 <= confidence <= 1:
+            raise ValueError(f"{path}: classifications[{i}].confidence {head}: expected a number in [0, 1], got "
+                             f"{confidence!r}")
         out.append(HeadClassification(**{k: v for k, v in entry.items() if k in fields}))
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 
@@ -102,21 +103,11 @@ def check_same_heads(statistics, classifications) -> None:
                          f"{len(extra)} unknown): {what}")
 
 
-def write_validation(statistics, model_info, output_dir, classifications=None, thresholds=None) -> list[str]:
-    """The validation figures and validation_report.txt of `classifications`; None classifies the statistics
-    again (refined scheme, `thresholds`) and also writes refined_classifications.json."""
-    if classifications is not None:
-        check_same_heads(statistics, classifications)
-    os.makedirs(output_dir, exist_ok=True)
-    files = []
-    if classifications is None:
-        classifications = classify(statistics, scheme="refined", thresholds=thresholds)
-        save_classifications(classifications, os.path.join(output_dir, "refined_classifications.json"), "refined",
-                             thresholds)
-        files.append("refined_classifications.json")
+def validation_text(statistics, classifications, model_info, thresholds=None) -> str:
+    """validation_report.txt: the summary, the head types, the agreement with the rules of the classifications'
+    scheme, the legacy scheme's counts and the low-confidence heads."""
     scheme = "legacy" if any(c.head_type == "positional" for c in classifications) else "refined"
     rules = classify(statistics, scheme=scheme, thresholds=thresholds)
-    files += validation_figures(statistics, classifications, output_dir, thresholds)
     text = summary_text(statistics, classifications, model_info)
     text += "\nHEAD TYPES\n" + "-" * 40 + "\n" + type_table(statistics, classifications)
     by_head = {(r.layer_idx, r.head_idx): r for r in rules}
@@ -132,7 +123,35 @@ def write_validation(statistics, model_info, output_dir, classifications=None, t
     text += f"\nLOW-CONFIDENCE HEADS (< 0.3): {len(low_confidence)} of {len(classifications)}\n"
     text += "".join(f"  L{c.layer_idx:02d} H{c.head_idx:02d}  {c.head_type:<16} confidence {c.confidence:.2f}\n"
                     for c in low_confidence)
-    write_text_atomic(os.path.join(output_dir, "validation_report.txt"), text)
+    return text
+
+
+def write_validation(statistics, model_info, output_dir, classifications=None, thresholds=None) -> list[str]:
+    """The validation figures and validation_report.txt of `classifications`; None classifies the statistics
+    again (refined scheme, `thresholds`) and also writes refined_classifications.json.
+
+    The report is composed before anything is written, and a directory this call creates is removed again if
+    writing fails, so no half set of outputs is left (each file is written atomically)."""
+    reclassified = classifications is None
+    if reclassified:
+        classifications = classify(statistics, scheme="refined", thresholds=thresholds)
+    else:
+        check_same_heads(statistics, classifications)
+    text = validation_text(statistics, classifications, model_info, thresholds)
+    created = not os.path.isdir(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    try:
+        files = []
+        if reclassified:
+            save_classifications(classifications, os.path.join(output_dir, "refined_classifications.json"),
+                                 "refined", thresholds)
+            files.append("refined_classifications.json")
+        files += validation_figures(statistics, classifications, output_dir, thresholds)
+        write_text_atomic(os.path.join(output_dir, "validation_report.txt"), text)
+    except BaseException:
+        if created:  # everything in it is this call's
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
     return [*files, "validation_report.txt"]
 
 

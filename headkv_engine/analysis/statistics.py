@@ -46,11 +46,15 @@ class HeadStatistics:
 
     @classmethod
     def from_dict(cls, data: dict) -> HeadStatistics:
+        """An entry of head_statistics.json; a ValueError names the first missing or mistyped field."""
         names = cls.__dataclass_fields__
+        if not isinstance(data, dict):
+            raise ValueError(f"expected an object of per-head fields, got {type(data).__name__}")
         missing = [n for n in ("layer_idx", "head_idx", "mean_entropy", "position_preference") if n not in data]
         if missing:
             raise ValueError(f"head statistics entry lacks {missing} "
                              f"(layer {data.get('layer_idx')}, head {data.get('head_idx')})")
+        _check_fields(data)
         values = {k: v for k, v in data.items() if k in names}
         values.setdefault("std_entropy", 0.0)
         values.setdefault("max_attention_mean", 0.0)
@@ -65,6 +69,35 @@ class HeadStatistics:
                 for entry in values["mass_by_query_position"]
             ]
         return cls(**values)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_fields(data: dict) -> None:
+    """The types of the fields the reports and figures read, so that a bad file fails here, naming the field."""
+    head = f"(layer {data.get('layer_idx')}, head {data.get('head_idx')})"
+    for key in ("layer_idx", "head_idx"):
+        if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 0:
+            raise ValueError(f"{key}: expected an integer >= 0, got {data[key]!r}")
+    for key in ("mean_entropy", "std_entropy", "max_attention_mean", "sink_ratio", "uniformity_score"):
+        if key in data and not _is_number(data[key]):
+            raise ValueError(f"{key}: expected a number, got {data[key]!r} {head}")
+    preference = data["position_preference"]
+    if not isinstance(preference, dict) or not all(_is_number(preference.get(r)) for r in REGIONS):
+        raise ValueError(f"position_preference: expected an object with a number for each of {list(REGIONS)}, got "
+                         f"{preference!r} {head}")
+    relative = data.get("relative_position_dist")
+    if relative is not None and not (isinstance(relative, list) and len(relative) == 64
+                                     and all(_is_number(v) for v in relative)):
+        raise ValueError(f"relative_position_dist: expected a list of 64 numbers {head}")
+    if data.get("sink_mass_by_size") is not None and not isinstance(data["sink_mass_by_size"], dict):
+        raise ValueError(f"sink_mass_by_size: expected an object {{sink size: mass}} {head}")
+    octaves = data.get("mass_by_query_position")
+    if octaves is not None and not (isinstance(octaves, list) and all(
+            isinstance(o, dict) and isinstance(o.get("sink_mass_by_size"), dict) for o in octaves)):
+        raise ValueError(f"mass_by_query_position: expected a list of objects with sink_mass_by_size {head}")
 
 
 def _sink_sizes(masses: dict) -> dict:
@@ -144,11 +177,26 @@ def save_statistics(statistics, model_info: dict, path) -> None:
 
 def load_statistics(path) -> tuple[list[HeadStatistics], dict]:
     """(statistics, model_info) of a head_statistics.json."""
-    with open(os.fspath(path), encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, dict) or "head_statistics" not in data:
-        raise ValueError(f"{os.fspath(path)}: expected a head_statistics.json with a 'head_statistics' list")
-    return [HeadStatistics.from_dict(d) for d in data["head_statistics"]], data.get("model_info", {})
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not a JSON file ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("head_statistics"), list):
+        raise ValueError(f"{path}: expected a head_statistics.json with a 'head_statistics' list")
+    if not data["head_statistics"]:
+        raise ValueError(f"{path}: head_statistics: expected one entry per analysed head, got none")
+    statistics = []
+    for i, entry in enumerate(data["head_statistics"]):
+        try:
+            statistics.append(HeadStatistics.from_dict(entry))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: head_statistics[{i}]: {exc}") from None
+    info = data.get("model_info", {})
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: model_info: expected an object, got {type(info).__name__}")
+    return statistics, info
 
 
 def as_tensor(statistics, name: str, num_layers: int, num_heads: int) -> torch.Tensor:
