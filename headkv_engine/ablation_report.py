@@ -53,8 +53,13 @@ def pareto_frontier(configs):
 def markdown(results) -> str:
     configs = [c for c in results["configs"] if c["name"] != "full"]
     named = _by_name(results)
+    # PPL and accuracy are over the predicted tokens: every token of a window but its first
+    windows = results.get("windows", 1)
+    predicted = results["configs"][0]["tokens"] if results["configs"] else results["tokens"] - windows
     lines = [f"# Ablation study: {results['model']}", "",
-             f"{results['tokens']} evaluation tokens; commit {results['configs'][0]['commit'] if configs else '?'}. "
+             f"{predicted} predicted tokens ({results['tokens']} tokens in {windows} window"
+             f"{'s' if windows != 1 else ''}, each window's first token not predicted); "
+             f"commit {results['configs'][0]['commit'] if configs else '?'}. "
              "PPL = perplexity, eff. ctx = mean per-head budget (S+W, W, T or 0).", ""]
     if "full" in named:
         lines += _table("Full cache", [named["full"]])

@@ -249,3 +249,13 @@ def test_validate_force_removes_the_outputs_of_an_earlier_reclassify(analysis, t
     assert main(["validate", "--results-dir", str(out), "--force"]) == 0
     assert not (out / "validation" / "refined_classifications.json").exists()  # not of this run
     assert (out / "validation" / "validation_report.txt").is_file() and (out / "validation" / "notes.txt").is_file()
+
+
+def test_ablation_report_counts_the_predicted_tokens():
+    from headkv_engine.ablation_report import markdown  # noqa: PLC0415
+
+    row = {"name": "B_streaming_16", "group": "B", "perplexity": 9.0, "accuracy": 0.1, "effective_context": 16.0,
+           "tokens": 30, "commit": "abc"}
+    text = markdown({"model": "m", "tokens": 32, "windows": 2, "window_tokens": 16, "configs": [row]})
+    assert "30 predicted tokens (32 tokens in 2 windows, each window's first token not predicted)" in text
+    assert "32 evaluation tokens" not in text
