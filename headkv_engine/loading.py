@@ -141,6 +141,22 @@ def prepare_output_dir(path: str, force: bool, outputs=()) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+def check_output_file(path: str, force: bool, flag: str = "--output") -> None:
+    """Refuse, before any work, an output file that could not be written at the end: a directory, an existing
+    file without `force`, or a parent that is no directory or not writable (a missing one is made when writing)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}: {path!r} is a directory; give the file to write")
+    if os.path.exists(path) and not force:
+        raise ValueError(f"{flag}: {path!r} exists; pass --force to overwrite it")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag}: cannot write {path!r}: {parent!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot write {path!r}: {parent!r} is not writable")
+
+
 def remove_outputs(path: str, outputs) -> list[str]:
     """Remove the files under `path` that match the `outputs` patterns (relative to it), and the temporaries an
     interrupted atomic write of them left (files.atomic_path: `.NAME.*` beside NAME); returns the removed paths."""

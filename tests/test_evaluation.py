@@ -120,3 +120,18 @@ def test_fewer_windows_than_asked_is_a_warning_naming_the_flags(model_dir, text_
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # all the windows asked for: no warning
         assert len(loading.encode_windows(tokenizer, text, 100, 4, builtin=False)) == 4
+
+
+def test_output_file_checked_before_any_work(tmp_path):
+    from headkv_engine import loading  # noqa: PLC0415
+
+    loading.check_output_file(str(tmp_path / "new" / "deeper" / "layer_losses.json"), False)  # parents are made
+    with pytest.raises(ValueError, match="--output: .* is a directory; give the file to write"):
+        loading.check_output_file(str(tmp_path), True)
+    existing = tmp_path / "layer_losses.json"
+    existing.write_text("{}")
+    with pytest.raises(ValueError, match="--output: .* exists; pass --force to overwrite it"):
+        loading.check_output_file(str(existing), False)
+    loading.check_output_file(str(existing), True)
+    with pytest.raises(ValueError, match=r"--output: cannot write .*: '.*layer_losses\.json' is not a directory"):
+        loading.check_output_file(str(existing / "sub" / "x.json"), True)
