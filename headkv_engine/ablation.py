@@ -58,6 +58,12 @@ def configurations(ablation: str, classifications=None, statistics=None, budgets
     return unique
 
 
+# The inputs each group's profiles are built from, by the flags of `headkv ablate` that give them.
+INPUT_FLAGS = {"head_aware": "--classifications", "G": "--classifications", "I": "--classifications",
+               "J": "--classifications", "K": "--classifications", "from_budget": "--statistics",
+               "from_budget_measured": "--statistics and --layer-losses"}
+
+
 def build_profile(name: str, num_layers: int, num_heads: int, classifications=None, statistics=None,
                   length: int | None = None, layer_losses=None) -> Profile:
     """The profile of configuration `name`; `length` is the evaluated context (what a full head costs);
@@ -138,8 +144,18 @@ def run_ablation(model, input_ids, output_dir, *, ablation="all", classification
     todo = [c for c in configurations(ablation, classifications, statistics, budgets, layer_losses)
             if c[0] not in done]
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    # every profile is built and checked against the model before the first evaluation, so inputs of another
+    # model (or a budget no head can meet) fail at once, naming the input, not after hours of other rows
+    profiles = {}
+    for name, group in todo:
+        try:
+            profiles[name] = build_profile(name, layers, heads, classifications, statistics, length, layer_losses)
+            profiles[name].check_model(model)
+        except ValueError as exc:
+            flags = INPUT_FLAGS.get(group)
+            raise ValueError(f"{flags + ': ' if flags else ''}configuration {name}: {exc}") from None
     for name, group in tqdm(todo, desc="ablation", disable=not progress):
-        profile = build_profile(name, layers, heads, classifications, statistics, length, layer_losses)
+        profile = profiles[name]
         result = evaluate(model, windows, profile, backend=backend)
         results["configs"].append({
             "name": name, "group": group, "parameters": profile.meta, "perplexity": result.perplexity,

@@ -70,7 +70,11 @@ def validate(args) -> int:
         if not os.path.isfile(cls_path):
             raise ValueError(f"--results-dir: {cls_path} not found; pass --reclassify to classify from the statistics")
         classifications = load_classifications(cls_path)
-        check_same_heads(statistics, classifications)  # before anything is written
+        try:
+            check_same_heads(statistics, classifications)  # before anything is written
+        except ValueError as exc:
+            raise ValueError(f"--results-dir: {cls_path} is not of the heads of {stats_path} ({exc}); pass "
+                             "--reclassify to classify the statistics again") from None
     if os.path.exists(output_dir):  # a new one is made by write_validation, which removes it again if it fails
         loading.prepare_output_dir(output_dir, args.force, loading.OUTPUTS["validate"])
     files = write_validation(statistics, info, output_dir, classifications)

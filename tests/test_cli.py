@@ -259,3 +259,42 @@ def test_ablation_report_counts_the_predicted_tokens():
     text = markdown({"model": "m", "tokens": 32, "windows": 2, "window_tokens": 16, "configs": [row]})
     assert "30 predicted tokens (32 tokens in 2 windows, each window's first token not predicted)" in text
     assert "32 evaluation tokens" not in text
+
+
+@pytest.fixture(scope="module")
+def other_analysis(tmp_path_factory):
+    """An analysis of a model of another shape (3 layers, where the model of the tests has 2)."""
+    from reference_model import tiny_model  # noqa: PLC0415
+
+    import headkv_engine as hk  # noqa: PLC0415
+    from headkv_engine.analysis import write_analysis  # noqa: PLC0415
+
+    out = tmp_path_factory.mktemp("other") / "analysis"
+    result = hk.analyze(tiny_model(3, 4, 16), torch.randint(0, 97, (60,)), progress=False)
+    write_analysis(result, out)
+    return out
+
+
+@pytest.mark.parametrize("flag, name", [("--classifications", "head_classifications.json"),
+                                        ("--statistics", "head_statistics.json")])
+def test_ablate_refuses_inputs_of_another_model_before_evaluating(model_dir, text_file, other_analysis, tmp_path,
+                                                                  capsys, flag, name):
+    out = tmp_path / "ablation"
+    cmd = _ablate(model_dir, text_file, out, flag, str(other_analysis / name))
+    cmd[cmd.index("--ablation") + 1] = "all"
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: configuration " in err and "model.num_layers: profile has 3, the model has 2" in err, err
+    assert not (out / "ablation_results.json").exists()  # nothing evaluated
+
+
+def test_validate_mismatch_names_the_results_dir(analysis, other_analysis, tmp_path, capsys):
+    import shutil  # noqa: PLC0415
+
+    out = _copy(analysis, tmp_path)
+    shutil.copy(other_analysis / "head_classifications.json", out / "head_classifications.json")
+    assert main(["validate", "--results-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--results-dir: {out / 'head_classifications.json'} is not of the heads of " in err
+    assert "layer 2, head 0 is classified but not analysed" in err and "--reclassify" in err
+    assert not (out / "validation").exists()
