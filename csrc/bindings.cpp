@@ -25,6 +25,7 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t sink_size, uintptr_t fill, uintptr_t out, int64_t batch, int64_t heads, int64_t head_dim,
          int64_t pool_rows, int q_dtype, int kv_dtype, float scale, uintptr_t pos_pool, uintptr_t query_position,
          int64_t stat_sink, int64_t stat_local, uintptr_t stats) {
+        headkv::read_isa_request();  // (under the GIL)
         py::gil_scoped_release release;
         headkv::decode_attention(ptr<const void>(q), ptr<const void>(q_sink), ptr<const void>(k_pool),
                                  ptr<const void>(v_pool), ptr<const int64_t>(base), ptr<const int64_t>(length),
@@ -45,6 +46,7 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t v_pool, uintptr_t pos_pool, uintptr_t base, uintptr_t length, uintptr_t sink_size,
          uintptr_t window_size, uintptr_t fill, uintptr_t out, int64_t batch, int64_t heads, int64_t tokens,
          int64_t head_dim, int64_t pool_rows, int q_dtype, int kv_dtype, float scale) {
+        headkv::read_isa_request();  // (under the GIL)
         py::gil_scoped_release release;
         headkv::prefill_attention(ptr<const void>(q), ptr<const void>(q_sink), ptr<const void>(k), ptr<const void>(v),
                                   ptr<const int64_t>(positions), ptr<const void>(k_pool), ptr<const void>(v_pool),
@@ -64,6 +66,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t k_pool, uintptr_t v_pool, uintptr_t pos_pool, uintptr_t base, uintptr_t k, uintptr_t v,
          uintptr_t positions, uintptr_t sink_size, uintptr_t window_size, int64_t batch, int64_t heads,
          int64_t tokens, int64_t head_dim, int64_t pool_rows, int kv_dtype, int new_dtype) {
+        headkv::read_isa_request();  // (under the GIL)
         py::gil_scoped_release release;
         headkv::append(ptr<void>(k_pool), ptr<void>(v_pool), ptr<int64_t>(pos_pool), ptr<const int64_t>(base),
                        ptr<const void>(k), ptr<const void>(v), ptr<const int64_t>(positions),
@@ -79,6 +82,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t q, uintptr_t k, int64_t heads, int64_t tokens_q, int64_t tokens_k, int64_t head_dim, int dtype,
          int64_t q_start, float scale, int64_t sink_size, int64_t local_window, double recent_ratio,
          int64_t min_query, int64_t log2_bins, uintptr_t sums) {
+        headkv::read_isa_request();  // (under the GIL)
         py::gil_scoped_release release;
         headkv::head_statistics(ptr<const void>(q), ptr<const void>(k), heads, tokens_q, tokens_k, head_dim, dtype,
                                 q_start, scale, sink_size, local_window, recent_ratio, min_query, log2_bins,
@@ -86,7 +90,11 @@ PYBIND11_MODULE(_C, m) {
       },
       "Per-head attention statistic sums (see headkv_engine.ops.head_statistics).");
   m.def(
-      "cpu_isa", [] { return headkv::use_avx2() ? "avx2" : "baseline"; },
+      "cpu_isa",
+      [] {
+        headkv::read_isa_request();
+        return headkv::use_avx2() ? "avx2" : "baseline";
+      },
       "Which build of the attention kernels runs here: 'avx2' (AVX2/FMA/F16C) or 'baseline'\n"
       "(HEADKV_CPU_BASELINE=1 forces the baseline).");
   m.def("head_statistics_fields", &headkv::head_statistics_fields, "Doubles per head in head_statistics' output.");

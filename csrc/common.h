@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -40,17 +41,33 @@ namespace headkv {
 
 enum Dtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Whether the AVX2/FMA/F16C build of a kernel runs: where the CPU has those, unless the environment variable
-// HEADKV_CPU_BASELINE=1 asks for the baseline build (the tests run both).
-inline bool use_avx2() {
+// Whether the CPU has AVX2/FMA/F16C (asked once).
+inline bool cpu_has_avx2() {
 #ifdef HEADKV_AVX2_CLONE
-  const char* baseline = std::getenv("HEADKV_CPU_BASELINE");
-  if (baseline != nullptr && baseline[0] == '1') return false;
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  static const bool has =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return has;
 #else
   return false;
 #endif
 }
+
+// Whether HEADKV_CPU_BASELINE=1 asked for the baseline build, as last read by read_isa_request().
+inline std::atomic<bool>& baseline_requested() {
+  static std::atomic<bool> requested{false};
+  return requested;
+}
+
+// Reads HEADKV_CPU_BASELINE. The bindings call it before each kernel while they hold the GIL, under which Python
+// changes the environment: a getenv from the kernel itself, which runs without the GIL, could race a setenv. Read
+// per call, not once, so that a process can switch (the tests run both builds).
+inline void read_isa_request() {
+  const char* baseline = std::getenv("HEADKV_CPU_BASELINE");
+  baseline_requested().store(baseline != nullptr && baseline[0] == '1', std::memory_order_relaxed);
+}
+
+// Whether the AVX2/FMA/F16C build of a kernel runs: where the CPU has those, unless the baseline was asked for.
+inline bool use_avx2() { return cpu_has_avx2() && !baseline_requested().load(std::memory_order_relaxed); }
 
 template <typename... Parts>
 std::string concat(const Parts&... parts) {

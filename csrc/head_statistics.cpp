@@ -14,11 +14,6 @@
 #include "common.h"
 #include "kernels.h"
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define HEADKV_AVX2_CLONE 1
-#endif
-#define HEADKV_INLINE inline __attribute__((always_inline))
-
 namespace headkv {
 namespace {
 
@@ -148,7 +143,7 @@ HEADKV_INLINE void head_body(const Args& a, int64_t h, Workspace& w) {
 void head_baseline(const Args& a, int64_t h, Workspace& w) { head_body(a, h, w); }
 
 #ifdef HEADKV_AVX2_CLONE
-__attribute__((target("avx2,fma"))) void head_avx2(const Args& a, int64_t h, Workspace& w) { head_body(a, h, w); }
+HEADKV_TARGET_AVX2 void head_avx2(const Args& a, int64_t h, Workspace& w) { head_body(a, h, w); }
 #endif
 
 using HeadFn = void (*)(const Args&, int64_t, Workspace&);

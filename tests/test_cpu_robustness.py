@@ -5,6 +5,7 @@ needed, as for the build), so undefined behaviour fails a test instead of passin
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -265,3 +266,38 @@ def test_statistics_with_no_query_counted_allocate_and_read_nothing():
     """)
     assert done.returncode == 0, f"the process died (exit {done.returncode}): {done.stderr[-2000:]}"
     assert done.stdout.split() == ["True", "True"]
+
+
+# ---- which build runs ----------------------------------------------------------------------------------------
+
+def test_the_baseline_switch_is_read_at_each_call(monkeypatch):
+    """HEADKV_CPU_BASELINE is read by every call (under the GIL), so one process runs both builds."""
+    module = ext()
+    monkeypatch.setenv("HEADKV_CPU_BASELINE", "1")
+    assert module.cpu_isa() == "baseline"
+    monkeypatch.delenv("HEADKV_CPU_BASELINE")
+    flags = set()
+    if Path("/proc/cpuinfo").exists():
+        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                 for f in line.split(":", 1)[1].split()}
+    if {"avx2", "fma", "f16c"} <= flags:
+        assert module.cpu_isa() == "avx2"
+    monkeypatch.setenv("HEADKV_CPU_BASELINE", "1")
+    assert module.cpu_isa() == "baseline"
+
+
+@pytest.mark.parametrize("source", ["decode.cpp", "prefill.cpp", "head_statistics.cpp", "append.cpp"])
+def test_no_avx2_clone_turns_off_every_avx2_build(tmp_path, source):
+    """-DHEADKV_NO_AVX2_CLONE leaves the baseline build alone in every kernel (no file redefines the switch)."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler (needed to build the extension too)")
+    obj = tmp_path / "kernel.o"
+    subprocess.run([compiler, "-std=c++17", "-O0", "-fopenmp", "-DHEADKV_NO_AVX2_CLONE", f"-I{CSRC}", "-c",
+                    str(CSRC / source), "-o", str(obj)], check=True, capture_output=True, text=True)
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm to list the object's symbols")
+    symbols = subprocess.run([nm, "-C", str(obj)], check=True, capture_output=True, text=True).stdout
+    clones = [s for s in symbols.splitlines() if re.search(r"\b(head|chunk|block)_avx2\b|_f16c\b", s)]
+    assert not clones
