@@ -16,7 +16,7 @@ def analyze(args) -> int:
 
     if args.windows < 1:
         raise ValueError(f"--windows: expected at least 1 window, got {args.windows}")
-    loading.prepare_output_dir(args.output_dir, args.force)
+    loading.prepare_output_dir(args.output_dir, args.force, loading.OUTPUTS["analyze"])
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, tokenizer, name = loading.load_model(args.model, dtype=dtype)
     text = loading.load_text(args.text_file, args.dataset)

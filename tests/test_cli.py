@@ -298,3 +298,14 @@ def test_validate_mismatch_names_the_results_dir(analysis, other_analysis, tmp_p
     assert f"--results-dir: {out / 'head_classifications.json'} is not of the heads of " in err
     assert "layer 2, head 0 is classified but not analysed" in err and "--reclassify" in err
     assert not (out / "validation").exists()
+
+
+def test_analyze_force_removes_the_earlier_analysis_outputs(model_dir, text_file, analysis, tmp_path):
+    out = _copy(analysis, tmp_path)
+    assert main(["validate", "--results-dir", str(out)]) == 0
+    (out / "notes.txt").write_text("kept")
+    assert main(["analyze", "--model", str(model_dir), "--text-file", str(text_file), "--max-tokens", "40",
+                 "--output-dir", str(out), "--force"]) == 0
+    assert not (out / "validation" / "validation_report.txt").exists()  # of the earlier analysis
+    assert json.loads((out / "head_statistics.json").read_text())["model_info"]["tokens"] == 40
+    assert (out / "notes.txt").read_text() == "kept"
