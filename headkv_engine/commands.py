@@ -36,8 +36,7 @@ def calibrate(args) -> int:
     from headkv_engine.analysis.layer_loss import WINDOWS, measure_layer_losses  # noqa: PLC0415
     from headkv_engine.profile import write_json_atomic  # noqa: PLC0415
 
-    if os.path.exists(args.output) and not args.force:
-        raise ValueError(f"--output: {args.output} exists; pass --force to overwrite it")
+    loading.check_output_file(args.output, args.force)  # before the measurement, not after it
     model, tokenizer, name = loading.load_model(args.model)
     text = loading.load_text(args.text_file, None)
     ids = loading.encode_windows(tokenizer, text, args.max_tokens, args.windows, builtin=args.model == loading.BUILTIN,

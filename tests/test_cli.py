@@ -309,3 +309,13 @@ def test_analyze_force_removes_the_earlier_analysis_outputs(model_dir, text_file
     assert not (out / "validation" / "validation_report.txt").exists()  # of the earlier analysis
     assert json.loads((out / "head_statistics.json").read_text())["model_info"]["tokens"] == 40
     assert (out / "notes.txt").read_text() == "kept"
+
+
+def test_calibrate_refuses_an_output_it_cannot_write_before_measuring(model_dir, text_file, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for output, why in ((tmp_path, "is a directory"), (tmp_path / "file" / "losses.json", "is not a directory")):
+        assert main(["calibrate", "--model", str(model_dir), "--text-file", str(text_file), "--max-tokens", "20",
+                     "--windows", "1", "--window-sizes", "4", "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert "--output: " in err and why in err, err
+        assert "Loading weights" not in err  # refused before the model is loaded
