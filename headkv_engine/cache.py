@@ -113,7 +113,7 @@ class HeadKVCache(Cache):
     """A ragged per-head KV cache driven by a `Profile`; created by a patched model's forward.
 
     `get_seq_length()` counts input columns (padding included), as transformers' generation expects;
-    positions, windows and sinks count each sequence's real tokens only (left padding is never stored).
+    positions, windows and sinks count each sequence's real tokens only (padding is never stored).
     """
 
     def __init__(self, profile: Profile, position_mode: str = "absolute", backend: str = "auto"):
@@ -189,7 +189,8 @@ class HeadKVCache(Cache):
         if attention_mask is None:
             real = torch.ones(batch_size, num_tokens, dtype=torch.long)
         else:
-            real = attention_mask.detach().to("cpu", torch.long)
+            # (as transformers reads a 2-d mask: any nonzero value is a real token)
+            real = (attention_mask.detach().to("cpu") != 0).long()
             if real.shape != (batch_size, num_tokens):
                 raise ValueError(
                     f"attention_mask must cover the new tokens: expected {(batch_size, num_tokens)}, "
@@ -197,10 +198,14 @@ class HeadKVCache(Cache):
                 )
         counted = seen[:, None] + torch.cumsum(real, dim=1) - 1
         positions = torch.where(real.bool(), counted, torch.full_like(counted, -1))
-        if bool(((positions[:, 1:] < positions[:, :-1]) & (positions[:, 1:] >= 0)).any()) or bool(
-            ((real[:, 1:] == 0) & (real[:, :-1] == 1)).any()
-        ):
-            raise ValueError("attention_mask: padding must come before the real tokens (left padding)")
+        after_real = (real[:, 1:] == 0) & (real[:, :-1] != 0)
+        if bool(after_real.any()):
+            row, col = (int(i) for i in after_real.nonzero()[0])
+            raise ValueError(
+                f"attention_mask: a block stored in a HeadKVCache has its padding before its real tokens (left "
+                f"padding); row {row} has padding at column {col + 1} after a real token (a patched model's "
+                "forward reorders such a block itself; HeadKVCache.from_dense takes left padding only)"
+            )
         self.seen = seen  # only now: a refused block leaves the cache as it was
         self._positions = positions
         self._positions_on = {positions.device: positions}

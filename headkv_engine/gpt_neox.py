@@ -34,6 +34,11 @@ def rotate(x, cos, sin):
     return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
 
 
+def reorder_columns(x, order):
+    """x [B, T, ...] with row b's columns taken in the order order[b] ([B, T])."""
+    return x.gather(1, order.view(*order.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
 def rotary_float64_angles(handle, rotary, x, positions):
     """cos, sin as `rotary(x, positions)` gives them, with the angles position * frequency computed in float64
     on the host (where `positions` are; some devices have no float64); `handle` keeps the host copy of the
@@ -114,7 +119,20 @@ def model_forward(
         raise ValueError(f"the cache was built for position_mode={cache.position_mode!r} and the model is patched "
                          f"with {handle.position_mode!r}: their keys are rotated differently")
     cache.backend = handle.backend  # the patched model's backend computes, whoever built the cache
-    new_mask = None if attention_mask is None else attention_mask[:, -tokens:]
+    new_mask = None if attention_mask is None else attention_mask[:, -tokens:].detach().to("cpu", torch.long)
+    order = None
+    if new_mask is not None and new_mask.shape == (batch, tokens) and bool(
+        ((new_mask[:, 1:] == 0) & (new_mask[:, :-1] != 0)).any()
+    ):
+        # Padding after a real token (a right-padded batch, a new turn padded on the right): the cache stores a
+        # block as padding, then consecutive positions. The columns are reordered so, padding first and real
+        # tokens in their order (a token sees the same keys: padding is invisible), and put back at the end.
+        order = torch.argsort((new_mask != 0).to(torch.uint8), dim=1, stable=True)
+        new_mask = new_mask.gather(1, order)
+        order = order.to(inputs_embeds.device)
+        inputs_embeds = reorder_columns(inputs_embeds, order)
+        if position_ids is not None:
+            position_ids = position_ids.expand(batch, tokens).gather(1, order)
     host_positions = cache.begin_step(tokens, batch, new_mask)  # (on the host, where the cache counts)
     if position_ids is None or handle.position_mode == "shifted":
         position_ids = host_positions.clamp(min=0).to(inputs_embeds.device)
@@ -144,6 +162,11 @@ def model_forward(
     hidden_states = self.final_layer_norm(hidden_states)
     if output_hidden_states:
         all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+    if order is not None:
+        inverse = torch.argsort(order, dim=1)
+        hidden_states = reorder_columns(hidden_states, inverse)
+        if output_hidden_states:
+            all_hidden_states = tuple(reorder_columns(h, inverse) for h in all_hidden_states)
     output = BaseModelOutputWithPast(
         last_hidden_state=hidden_states, cache=cache if use_cache or cache_given else None,
         hidden_states=all_hidden_states,

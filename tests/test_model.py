@@ -249,8 +249,8 @@ def test_failed_forward_leaves_a_refused_cache(model, ids):
             model(ids[:, 8:10], cache=cache, use_cache=True)
         # a block the cache refuses before any layer runs leaves it usable
         fresh = model(ids[:, :8], use_cache=True).past_key_values
-        with pytest.raises(ValueError, match="left padding"):
-            model(ids[:, 8:10], attention_mask=torch.tensor([[1, 0], [1, 1]]), cache=fresh, use_cache=True)
+        with pytest.raises(ValueError, match="cover the new tokens"):
+            model(ids[:, 8:10], attention_mask=torch.tensor([[1], [1]]), cache=fresh, use_cache=True)
         assert fresh.get_seq_length() == 8
         model(ids[:, 8:10], cache=fresh, use_cache=True)
 
@@ -606,3 +606,62 @@ def test_shifted_mode_keeps_float32_precision_at_large_positions(model, backend)
         start = logits_from(0, m)
         for offset in (10**5, 10**7):
             torch.testing.assert_close(logits_from(offset, m), start, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_right_padded_batch_equals_the_unpatched_model_on_its_real_tokens(model, ids, backend):
+    """A right-padded batch (a tokenizer's default padding side, as when scoring texts) gives every real token
+    the logits of the unpatched model, and of the masked reference under a profile."""
+    mask = torch.ones_like(ids)
+    mask[0, 15:] = 0
+    mask[1, 9:] = 0
+    real = mask.bool()
+    dense = model(ids, attention_mask=mask).logits
+    with hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend=backend):
+        out = model(ids, attention_mask=mask, use_cache=True, output_hidden_states=True)
+    assert (out.logits - dense)[real].abs().max() <= 1e-4
+    assert torch.equal(out.past_key_values.kept_tokens(0), torch.tensor([[15] * HEADS, [9] * HEADS]))
+    want_hidden = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for got, want in zip(out.hidden_states, want_hidden, strict=True):
+        assert (got - want)[real].abs().max() <= 1e-4
+    profile = mixed_profile(fill=True)
+    with hk.patch_model(model, profile, backend=backend):
+        got = model(ids, attention_mask=mask).logits
+    assert (got - reference_logits(model, profile, ids, mask))[real].abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_later_turn_padded_after_real_tokens_continues_like_the_unpatched_model(model, backend):
+    """Multi-turn over one cache: a left-padded first turn generated, then a new turn whose block has padding
+    after (and between) real tokens, then more tokens: every real token's logits equal one unpatched pass over
+    the whole masked batch."""
+    prompt = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    turn = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(4))
+    turn_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 0]])
+    more = torch.randint(1, 97, (2, 3), generator=torch.Generator().manual_seed(5))
+    with hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend=backend):
+        first = model.generate(prompt, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                               return_dict_in_generate=True)
+        cache, sequences = first.past_key_values, first.sequences
+        mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], dim=1)
+        # the cache holds all but the last generated token: the new block starts with it
+        fed = sequences.shape[1] - 1
+        ids = torch.cat([sequences, turn, more], dim=1)
+        mask = torch.cat([mask, turn_mask, torch.ones_like(more)], dim=1)
+        second = model(ids[:, fed:-3], attention_mask=mask[:, :-3], cache=cache, use_cache=True).logits
+        third = model(ids[:, -3:], attention_mask=mask, cache=cache, use_cache=True).logits
+    dense = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask).clamp(min=0)).logits
+    got = torch.cat([second, third], dim=1)
+    real = mask[:, fed:].bool()
+    assert (got - dense[:, fed:])[real].abs().max() <= 1e-4
+    assert torch.equal(cache.kept_tokens(0)[:, 0], mask.sum(1))
+
+
+def test_from_dense_refuses_padding_after_real_tokens_naming_the_row_and_column(model, ids):
+    mask = torch.ones_like(ids[:, :6])
+    mask[1, 4:] = 0
+    dense = model(ids[:, :6], use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="attention_mask: .*left padding.*row 1 has padding at column 4"):
+        hk.HeadKVCache.from_dense(mixed_profile(), dense, attention_mask=mask)
