@@ -16,17 +16,17 @@ def analyze(args) -> int:
 
     if args.windows < 1:
         raise ValueError(f"--windows: expected at least 1 window, got {args.windows}")
-    loading.prepare_output_dir(args.output_dir, args.force, loading.OUTPUTS["analyze"])
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model, tokenizer, name = loading.load_model(args.model, dtype=dtype)
-    text = loading.load_text(args.text_file, args.dataset)
-    builtin = args.model == loading.BUILTIN
-    ids = (loading.encode(tokenizer, text, args.max_tokens, builtin=builtin) if args.windows == 1 else
-           loading.encode_windows(tokenizer, text, args.max_tokens, args.windows, builtin=builtin))
-    result = run_analysis(model, ids, sink_size=args.sink_size, local_window=args.local_window,
-                          recent_ratio=args.recent_ratio, chunk_size=args.chunk_size, backend=args.backend,
-                          model_name=name)
-    files = write_analysis(result, args.output_dir)
+    with loading.results_dir(args.output_dir, args.force, loading.OUTPUTS["analyze"]):
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        model, tokenizer, name = loading.load_model(args.model, dtype=dtype)
+        text = loading.load_text(args.text_file, args.dataset)
+        builtin = args.model == loading.BUILTIN
+        ids = (loading.encode(tokenizer, text, args.max_tokens, builtin=builtin) if args.windows == 1 else
+               loading.encode_windows(tokenizer, text, args.max_tokens, args.windows, builtin=builtin))
+        result = run_analysis(model, ids, sink_size=args.sink_size, local_window=args.local_window,
+                              recent_ratio=args.recent_ratio, chunk_size=args.chunk_size, backend=args.backend,
+                              model_name=name)
+        files = write_analysis(result, args.output_dir)
     print(open(os.path.join(args.output_dir, "analysis_summary.txt"), encoding="utf-8").read().split("COMPRESSIBLE")[0])
     print(f"wrote {len(files)} files to {args.output_dir} ({result.seconds:.1f} s)")
     return 0
@@ -115,29 +115,27 @@ def ablate(args) -> int:
 def demo(args) -> int:
     from headkv_engine.demo import run_demo  # noqa: PLC0415
 
-    if min(args.budgets) <= 4:
-        raise ValueError(f"--budgets: every budget must exceed the 4 StreamingLLM sinks, got {args.budgets}")
     _require_file("--layer-losses", args.layer_losses)
-    loading.prepare_output_dir(args.output_dir, args.force)
-    results = run_demo(args.output_dir, model_id=args.model, text_file=args.text_file,
-                       analysis_tokens=args.analysis_tokens, eval_tokens=args.eval_tokens,
-                       budgets=tuple(sorted(args.budgets)), eval_windows=args.eval_windows,
-                       decode_context=args.decode_context,
-                       new_tokens=args.new_tokens, backend=args.backend, layer_losses=args.layer_losses)
+    with loading.results_dir(args.output_dir, args.force, loading.OUTPUTS["demo"]):  # run_demo checks the rest
+        results = run_demo(args.output_dir, model_id=args.model, text_file=args.text_file,
+                           analysis_tokens=args.analysis_tokens, eval_tokens=args.eval_tokens,
+                           budgets=tuple(sorted(args.budgets)), eval_windows=args.eval_windows,
+                           decode_context=args.decode_context,
+                           new_tokens=args.new_tokens, backend=args.backend, layer_losses=args.layer_losses)
     full = next(c for c in results["configs"] if c["name"] == "full")
     print(f"{results['model']}: full-cache perplexity {full['perplexity']:.2f} on {results['tokens']} tokens; "
-          f"{len(results['configs'])} profiles evaluated in {results['seconds']:.0f} s")
+          f"{len(results['configs'])} profiles evaluated in {results['evaluation_seconds']:.0f} s "
+          f"(the whole demo: {results['seconds']:.0f} s)")
     print(f"report: {os.path.join(args.output_dir, 'report.md')}")
     return 0
 
 
 def bench(args) -> int:
-    from headkv_engine.e2e_bench import run  # noqa: PLC0415
+    from headkv_engine.e2e_bench import check_arguments, run  # noqa: PLC0415
 
-    if args.budget <= 4:
-        raise ValueError(f"--budget must exceed the 4 StreamingLLM sinks, got {args.budget}")
-    loading.prepare_output_dir(args.output_dir, args.force)
-    run(args)
+    methods = check_arguments(args)  # every input, before the output directory is touched
+    with loading.results_dir(args.output_dir, args.force, loading.OUTPUTS["bench"]):
+        run(args, methods)
     print(open(os.path.join(args.output_dir, "bench_results.md"), encoding="utf-8").read())
     return 0
 

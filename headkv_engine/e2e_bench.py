@@ -224,9 +224,10 @@ def check_arguments(args) -> list[str]:
     return methods
 
 
-def run(args) -> list[dict]:
-    """Every requested method (and `full`) in its own subprocess; CSV and markdown into args.output_dir."""
-    methods = check_arguments(args)
+def run(args, methods: list[str] | None = None) -> list[dict]:
+    """Every requested method (and `full`) in its own subprocess; CSV and markdown into args.output_dir.
+    methods: what check_arguments(args) returned, when the caller has checked them already."""
+    methods = check_arguments(args) if methods is None else methods
     rows = []
     for method in methods:
         cmd = [sys.executable, "-m", "headkv_engine.e2e_bench", "--method", method, "--model", args.model,

@@ -3,6 +3,7 @@ a `datasets` dataset or the built-in held-out text."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import warnings
@@ -139,6 +140,20 @@ def prepare_output_dir(path: str, force: bool, outputs=()) -> None:
             raise ValueError(f"--output-dir: {path!r} already holds results; pass --force to overwrite them")
         remove_outputs(path, outputs)
     os.makedirs(path, exist_ok=True)
+
+
+@contextlib.contextmanager
+def results_dir(path: str, force: bool, outputs=()):
+    """prepare_output_dir for a command's body: a directory made here is removed again if the body fails before
+    writing anything into it (a refused input leaves no empty results directory behind)."""
+    made = not os.path.exists(path)
+    prepare_output_dir(path, force, outputs)
+    try:
+        yield path
+    except BaseException:
+        if made and os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+        raise
 
 
 def check_output_file(path: str, force: bool, flag: str = "--output") -> None:

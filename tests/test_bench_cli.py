@@ -94,6 +94,7 @@ def test_bench_command_names_the_missing_flag(model_dir, text_file, tmp_path, ca
     assert main(["bench", "--model", str(model_dir), "--text-file", str(text_file), "--max-tokens", "40",
                  "--output-dir", str(tmp_path / "b")]) == 2
     assert "--method head_aware needs --classifications" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # refused before the output directory is made
 
 
 def test_results_say_what_the_memory_figure_is(tmp_path):

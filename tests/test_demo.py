@@ -190,8 +190,24 @@ def test_demo_refuses_bad_inputs_before_any_result(model_dir, text_file, tmp_pat
     assert main(tiny_demo_args(model_dir, text_file, out, "--budgets", "8", "--layer-losses", str(other_model))) == 2
     err = capsys.readouterr().err
     assert "one row per layer of the model (2), got 3" in err and str(other_model) in err
-    assert not (out / "analysis").exists()  # refused before the analysis is written
+    assert not out.exists()  # refused before the analysis is written; no empty directory left behind
     assert main(tiny_demo_args(model_dir, text_file, out, "--budgets", "8", "40")) == 2
     assert "--budgets: every budget must exceed the 4 StreamingLLM sinks and be below --eval-tokens (40" in (
         capsys.readouterr().err)
-    assert not (out / "analysis").exists()
+    assert not out.exists()  # the directory the refused run made is gone again
+
+
+def test_results_dir_removes_only_an_empty_directory_it_made(tmp_path):
+    made = tmp_path / "new"
+    with pytest.raises(RuntimeError), loading.results_dir(str(made), False):
+        raise RuntimeError("refused input")
+    assert not made.exists()
+    with pytest.raises(RuntimeError), loading.results_dir(str(made), False):
+        (made / "partial.json").write_text("{}")
+        raise RuntimeError("failed after writing")
+    assert (made / "partial.json").exists()  # what a failed run wrote stays for the user to see
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(RuntimeError), loading.results_dir(str(kept), False):
+        raise RuntimeError("refused input")
+    assert kept.is_dir()  # the user's own directory is never removed
