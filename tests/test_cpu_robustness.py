@@ -73,7 +73,7 @@ def test_exp_le0_is_defined_for_nan_and_accurate(tmp_path):
 NAN_DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "metal"])
 @pytest.mark.parametrize("dtype", NAN_DTYPES)
 def test_prefill_nan_key_or_query_gives_nan_where_seen(isa, backend, dtype):
     gen = torch.Generator().manual_seed(3)
@@ -100,12 +100,12 @@ def test_prefill_nan_key_or_query_gives_nan_where_seen(isa, backend, dtype):
     assert torch.equal(got.isnan().all(-1), want_nan)
     no_key = (positions < 0)[:, None, :] | (SINKS + WINDOWS == 0)[None, :, None]  # padding, pruned heads
     torch.testing.assert_close(got[no_key].float(), fill[None, :, None, :].expand_as(got)[no_key].to(dtype).float())
-    if backend == "cpu":  # the finite rows still agree with the reference
+    if backend != "torch":  # the finite rows still agree with the reference
         want = ops.prefill_attention_reference(*args, scale=0.25, fill=fill)
         torch.testing.assert_close(got[~want_nan].float(), want[~want_nan].float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "metal"])
 @pytest.mark.parametrize("dtype", NAN_DTYPES)
 def test_decode_nan_key_or_query_gives_nan_where_seen(isa, backend, dtype):
     gen = torch.Generator().manual_seed(4)
@@ -123,7 +123,8 @@ def test_decode_nan_key_or_query_gives_nan_where_seen(isa, backend, dtype):
     assert torch.equal(stats[..., 0].isnan(), want_nan)  # the entropy of the step
     empty = length == 0  # the pruned head
     assert empty.any()
-    torch.testing.assert_close(out[empty].float(), fill.expand_as(out)[empty].to(dtype).float())
+    torch.testing.assert_close(out[empty].float(), fill.expand_as(out)[empty].to(dtype).float(),
+                               atol=TOL[dtype], rtol=TOL[dtype])  # the interpreter rounds to bf16 its own way
 
 
 # ---- mixed dtypes ------------------------------------------------------------------------------------------
@@ -301,3 +302,14 @@ def test_no_avx2_clone_turns_off_every_avx2_build(tmp_path, source):
     symbols = subprocess.run([nm, "-C", str(obj)], check=True, capture_output=True, text=True).stdout
     clones = [s for s in symbols.splitlines() if re.search(r"\b(head|chunk|block)_avx2\b|_f16c\b", s)]
     assert not clones
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "metal"])
+def test_append_checked_in_python_refuses_a_negative_base_whose_row_lands_inside(backend):
+    pools = [torch.zeros(4, 8), torch.zeros(4, 8), torch.full((4,), -1)]
+    k = torch.randn(1, 1, 1, 8)
+    message = r"base: token 0 of \(sequence 0, head 0\) goes to row 0 from base -1, outside"
+    with pytest.raises(ValueError, match=message):
+        ops.append(*pools, torch.tensor([[-1]]), k, k, torch.tensor([[1]]), torch.tensor([0]), torch.tensor([4]),
+                   backend=backend)
+    assert torch.equal(pools[0], torch.zeros(4, 8)) and (pools[2] == -1).all()  # nothing written

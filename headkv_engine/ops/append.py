@@ -46,12 +46,14 @@ def check_rows_written(base, positions, sink_size, window_size, num_rows: int) -
     """The rows the block is written to lie inside the pools (the C++ kernel checks this itself)."""
     keep = kept_after(positions, sink_size, window_size)
     rows = base[..., None] + slot_of(positions[:, None, :], sink_size[None, :, None], window_size[None, :, None])
-    bad = keep & ((rows < 0) | (rows >= num_rows))
+    bad = keep & ((base[..., None] < 0) | (rows < 0) | (rows >= num_rows))  # a negative base is wrong even when
+    # its slot brings the row back into the pools
     if bool(bad.any()):
         b, h, t = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
-            f"base: token {t} of (sequence {b}, head {h}) goes to row {int(rows[b, h, t])}, outside the pools' "
-            f"{num_rows} rows (the caller reserves min(tokens seen, S + W) rows per head)"
+            f"base: token {t} of (sequence {b}, head {h}) goes to row {int(rows[b, h, t])} from base "
+            f"{int(base[b, h])}, outside the pools' {num_rows} rows (expected a base >= 0; the caller reserves "
+            "min(tokens seen, S + W) rows per head)"
         )
 
 

@@ -68,7 +68,7 @@ void prefill_body(device const TQ* q, device const TQ* q_sink, device const TQ* 
     for (uint i = 0; i < HEADKV_DIMS_PER_LANE; ++i) {
         const long d = lane + long(i) * HEADKV_SIMD_WIDTH;
         if (d >= head_dim) break;
-        if (state.l > 0.0f) out_row[d] = TQ(state.acc[i] / state.l);
+        if (state.l != 0.0f) out_row[d] = TQ(state.acc[i] / state.l);  // NaN stays NaN
         else out_row[d] = has_fill ? TQ(fill[h * head_dim + d]) : TQ(0.0f);  // no visible key (guard 0/0)
     }
 }

@@ -75,7 +75,8 @@ def _merge_chunks(part_o_ptr, part_m_ptr, part_l_ptr, out_ptr, part_stats_ptr, s
     m = tl.load(part_m_ptr + bh * num_chunks + c, mask=c_ok, other=float("-inf"))
     l = tl.load(part_l_ptr + bh * num_chunks + c, mask=c_ok, other=0.0)
     m_max = tl.max(m, axis=0)
-    live = c_ok & (m > float("-inf"))
+    # a chunk that read rows has l != 0 (NaN included: a NaN query can leave m at -inf, as maximum skips NaN)
+    live = c_ok & (l != 0)
     w = tl.where(live, tl.exp(m - m_max), 0.0)
     o = tl.load(part_o_ptr + (bh * num_chunks + c)[:, None] * HEAD_DIM + d[None, :], mask=live[:, None] & d_ok[None, :],
                 other=0.0)
@@ -150,8 +151,8 @@ def _decode_merge_kernel(
     bh = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    first_m = tl.load(part_m_ptr + bh * num_chunks)  # chunk 0 is empty only when the head keeps nothing
-    if first_m == float("-inf"):
+    first_l = tl.load(part_l_ptr + bh * num_chunks)  # chunk 0 is empty only when the head keeps nothing
+    if first_l == 0:
         _store_fill(fill_ptr, out_ptr, stats_ptr, bh, num_heads, d, d_ok, HEAD_DIM, BLOCK_D, HAS_FILL, WITH_STATS)
     else:
         _merge_chunks(part_o_ptr, part_m_ptr, part_l_ptr, out_ptr, part_stats_ptr, stats_ptr, bh, num_chunks,

@@ -95,12 +95,13 @@ def _prefill_kernel(
         acc, m, l = _tile(acc, m, l, q, qs, k_ptr + offs, v_ptr + offs, kp, q_pos, sink, window, scale,
                           ok_k, d_ok, HAS_QSINK, PRECISION)
 
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    # only a row with no visible key (l == 0) gets the fill; a NaN score leaves l NaN, and the output NaN
+    out = acc / tl.where(l == 0, 1.0, l)[:, None]
     if HAS_FILL:
         fill = tl.load(fill_ptr + h * HEAD_DIM + d, mask=d_ok, other=0.0)
     else:
         fill = tl.zeros([BLOCK_D], tl.float32)
-    out = tl.where((l > 0)[:, None], out, fill[None, :])
+    out = tl.where((l == 0)[:, None], fill[None, :], out)
     tl.store(out_ptr + seq + rows[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=r_ok[:, None] & d_ok[None, :])
 
