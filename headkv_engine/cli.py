@@ -20,6 +20,8 @@ def _quickstart(args) -> int:
 
 
 CLI_BACKENDS = ["auto", "torch", "cpu", "triton", "metal"]
+FORCE_HELP = ("write into a non-empty output directory: the files an earlier run of this command wrote there are "
+              "removed first, any other file is kept")
 
 
 def at_least(minimum: int):
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run the model in bf16 (default: on CUDA only)")
     analyze.add_argument("--backend", default="auto", choices=backends)
     analyze.add_argument("--output-dir", required=True)
-    analyze.add_argument("--force", action="store_true", help="overwrite an existing results directory")
+    analyze.add_argument("--force", action="store_true", help=FORCE_HELP)
     analyze.set_defaults(func=_command("analyze"))
 
     calibrate = commands.add_parser("calibrate", help="per-layer loss of sinks + window attention (from_budget prices)")
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--results-dir", required=True, help="a directory written by `headkv analyze`")
     validate.add_argument("--reclassify", action="store_true", help="classify again from head_statistics.json")
     validate.add_argument("--output-dir", help="default: RESULTS_DIR/validation")
-    validate.add_argument("--force", action="store_true")
+    validate.add_argument("--force", action="store_true", help=FORCE_HELP)
     validate.set_defaults(func=_command("validate"))
 
     demo = commands.add_parser("demo", help="the whole pipeline on the built-in model (or any GPTNeoX), with a report")
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default="auto", choices=backends)
     demo.add_argument("--layer-losses", help="layer_losses.json of `headkv calibrate`: adds from_budget_measured "
                       "profiles (default: the built-in model's own calibration, for the built-in model)")
-    demo.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    demo.add_argument("--force", action="store_true", help=FORCE_HELP)
     demo.set_defaults(func=_command("demo"))
 
     bench = commands.add_parser("bench", help="end-to-end generation: TTFT, TPOT, throughput, memory vs full cache")
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
     bench.add_argument("--output-dir", default="headkv-bench")
-    bench.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    bench.add_argument("--force", action="store_true", help=FORCE_HELP)
     bench.set_defaults(func=_command("bench"))
 
     ablate = commands.add_parser("ablate", help="seed 004's ablation study: perplexity per policy and budget")
@@ -152,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate from this token of the text on (e.g. past the part the analysis saw)")
     ablate.add_argument("--backend", default="auto", choices=backends)
     ablate.add_argument("--output-dir", required=True)
-    ablate.add_argument("--force", action="store_true", help="start over instead of resuming")
+    ablate.add_argument("--force", action="store_true", help="start over instead of resuming (the earlier results "
+                        "are replaced once the first new one is written), or write into a directory of other files")
     ablate.set_defaults(func=_command("ablate"))
     return parser
 
