@@ -35,21 +35,22 @@ STAT_FIELDS = ("entropy", "sink_mass", "local_mass")
 
 def decode_attention_reference(q, k_pool, v_pool, base, length, *, scale, sink_size=None, q_sink=None, fill=None,
                                return_stats=False, pos_pool=None, query_position=None, stat_sink=4, stat_local=8):
-    """The definition in plain PyTorch (fp32 math)."""
+    """The definition in plain PyTorch (fp32 math, fp64 for fp64 inputs)."""
+    math = torch.promote_types(q.dtype, torch.float32)
     keys, valid = gather_slots(k_pool, base, length)  # [B, H, L, D]
     values, _ = gather_slots(v_pool, base, length)
-    scores = torch.einsum("bhd,bhld->bhl", q.float(), keys.float()) * scale
+    scores = torch.einsum("bhd,bhld->bhl", q.to(math), keys.to(math)) * scale
     if q_sink is not None:
-        sink_scores = torch.einsum("bhd,bhld->bhl", q_sink.float(), keys.float()) * scale
+        sink_scores = torch.einsum("bhd,bhld->bhl", q_sink.to(math), keys.to(math)) * scale
         is_sink = torch.arange(keys.shape[2], device=q.device) < sink_size[:, None]  # [H, L]
         scores = torch.where(is_sink, sink_scores, scores)
     scores = scores.masked_fill(~valid, float("-inf"))
     # rows with no key are all -inf (softmax NaN): zeros, then the fill; a NaN input stays NaN
     probs = torch.softmax(scores, dim=-1).masked_fill(~valid, 0.0)
-    out = torch.einsum("bhl,bhld->bhd", probs, values.float())
+    out = torch.einsum("bhl,bhld->bhd", probs, values.to(math))
     empty = length == 0
     if empty.any():
-        fill_rows = torch.zeros_like(out) if fill is None else fill.float().expand_as(out)
+        fill_rows = torch.zeros_like(out) if fill is None else fill.to(math).expand_as(out)
         out = torch.where(empty[..., None], fill_rows, out)
     if not return_stats:
         return out.to(q.dtype)
@@ -58,7 +59,7 @@ def decode_attention_reference(q, k_pool, v_pool, base, length, *, scale, sink_s
     entropy = -torch.where(valid, probs * log_p, torch.zeros_like(probs)).sum(-1)
     sink_mass = torch.where(valid & (positions < stat_sink), probs, 0).sum(-1)
     local_mass = torch.where(valid & (positions > query_position[:, None, None] - stat_local), probs, 0).sum(-1)
-    return out.to(q.dtype), torch.stack([entropy, sink_mass, local_mass], dim=-1)
+    return out.to(q.dtype), torch.stack([entropy, sink_mass, local_mass], dim=-1).float()  # fp32, as the kernels
 
 
 def decode_attention(

@@ -42,15 +42,16 @@ def prefill_attention_reference(
     q, k, v, positions, k_pool, v_pool, pos_pool, base, length, sink_size, window_size,
     *, scale, q_sink=None, fill=None, query_block=256,
 ):
-    """The definition in plain PyTorch (fp32 math), a block of queries at a time."""
+    """The definition in plain PyTorch (fp32 math, fp64 for fp64 inputs), a block of queries at a time."""
+    math = torch.promote_types(q.dtype, torch.float32)
     batch, heads, _, _ = q.shape
     cached_k, cached_valid = gather_slots(k_pool, base, length)
     cached_v, _ = gather_slots(v_pool, base, length)
     cached_pos, _ = gather_slots(pos_pool, base, length)
     cached_pos = torch.where(cached_valid, cached_pos.long(), -1)
-    # each source to fp32 from its own dtype, as the kernels read it (pools may be wider than q)
-    keys = torch.cat([cached_k.float(), k.float()], dim=2)
-    values = torch.cat([cached_v.float(), v.float()], dim=2)
+    # each source to the math dtype from its own dtype, as the kernels read it (pools may be wider than q)
+    keys = torch.cat([cached_k.to(math), k.to(math)], dim=2)
+    values = torch.cat([cached_v.to(math), v.to(math)], dim=2)
     key_pos = torch.cat([cached_pos, positions[:, None, :].expand(batch, heads, -1)], dim=2)  # [B, H, Tk]
     sinks = sink_size.view(1, heads, 1, 1)
     windows = window_size.view(1, heads, 1, 1)
@@ -60,15 +61,15 @@ def prefill_attention_reference(
         stop = start + query_block
         q_pos = positions[:, None, start:stop, None]
         mask = visible(q_pos, key_pos[:, :, None, :], sinks, windows)
-        scores = torch.einsum("bhqd,bhkd->bhqk", q[:, :, start:stop].float(), keys) * scale
+        scores = torch.einsum("bhqd,bhkd->bhqk", q[:, :, start:stop].to(math), keys) * scale
         if q_sink is not None:
-            sink_scores = torch.einsum("bhqd,bhkd->bhqk", q_sink[:, :, start:stop].float(), keys) * scale
+            sink_scores = torch.einsum("bhqd,bhkd->bhqk", q_sink[:, :, start:stop].to(math), keys) * scale
             scores = torch.where(is_sink_key, sink_scores, scores)
         # rows with no visible key are all -inf (softmax NaN): zeros, then the fill; a NaN input stays NaN
         probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).masked_fill(~mask, 0.0)
         out = torch.einsum("bhqk,bhkd->bhqd", probs, values)
         no_key = ~mask.any(-1, keepdim=True)
-        fill_rows = torch.zeros_like(out) if fill is None else fill.float()[None, :, None, :].expand_as(out)
+        fill_rows = torch.zeros_like(out) if fill is None else fill.to(math)[None, :, None, :].expand_as(out)
         outs.append(torch.where(no_key, fill_rows, out))
     return torch.cat(outs, dim=2).to(q.dtype)
 
