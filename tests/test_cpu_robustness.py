@@ -313,3 +313,25 @@ def test_append_checked_in_python_refuses_a_negative_base_whose_row_lands_inside
         ops.append(*pools, torch.tensor([[-1]]), k, k, torch.tensor([[1]]), torch.tensor([0]), torch.tensor([4]),
                    backend=backend)
     assert torch.equal(pools[0], torch.zeros(4, 8)) and (pools[2] == -1).all()  # nothing written
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "metal"])
+def test_nan_rows_of_one_head_reach_no_other_head(isa, backend):
+    """A head's NaN key and value rows (a sequence that overflowed) stay out of every other (sequence, head): no
+    backend reads rows outside a head's own, the reference's padded slots included."""
+    gen = torch.Generator().manual_seed(7)
+    head_dim, seen = 16, [30, 9]
+    (k_pool, v_pool, pos_pool), base, length = filled_cache(seen, head_dim, torch.float32, gen)
+    sick = (0, 0)  # the full head of sequence 0
+    rows = slice(int(base[sick]), int(base[sick] + length[sick]))
+    k_pool[rows], v_pool[rows] = float("nan"), float("nan")
+    others = torch.ones_like(length, dtype=torch.bool)
+    others[sick] = False
+    q = torch.randn(2, len(SINKS), head_dim, generator=gen)
+    out = ops.decode_attention(q, k_pool, v_pool, base, length, scale=0.25, backend=backend)
+    assert out[sick].isnan().all() and not out[others].isnan().any()
+    block = torch.randn(3, 2, len(SINKS), 4, head_dim, generator=gen)
+    positions = torch.stack([torch.arange(n, n + 4) for n in seen])
+    got = ops.prefill_attention(*block, positions, k_pool, v_pool, pos_pool, base, length, SINKS, WINDOWS,
+                                scale=0.25, backend=backend)
+    assert got[sick].isnan().all() and not got[others].isnan().any()

@@ -124,4 +124,7 @@ def gather_slots(pool: torch.Tensor, base: torch.Tensor, length: torch.Tensor):
     offsets = torch.arange(max_len, device=base.device)
     valid = offsets < length[..., None]
     index = torch.where(valid, base[..., None] + offsets, 0)
-    return pool[index], valid
+    rows = pool[index]
+    # padded slots are zeros, not row 0: that row is another head's, and a NaN there would reach this head's
+    # output through a zero attention weight (0 * NaN)
+    return rows.masked_fill(~valid.view(*valid.shape, *(1,) * (pool.dim() - 1)), 0), valid
