@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from headkv_engine import provenance
 from headkv_engine.evaluation import evaluate
+from headkv_engine.files import read_json
 from headkv_engine.profile import Profile, write_json_atomic
 
 BUDGETS = (32, 64, 128, 256, 512)
@@ -118,11 +119,7 @@ def run_ablation(model, input_ids, output_dir, *, ablation="all", classification
     path = os.path.join(output_dir, "ablation_results.json")
     inputs = input_fingerprints(windows, classifications, statistics, layer_losses)
     if resume and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            try:
-                results = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: not a JSON file ({exc}); use another --output-dir or --force") from None
+        results = read_json(path, hint="; use another --output-dir or --force")
         if not isinstance(results, dict):
             results = {}
         if results.get("format") != RESULTS_FORMAT or results.get("model") != model_name:

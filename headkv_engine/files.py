@@ -50,6 +50,19 @@ def write_csv_atomic(path, rows) -> None:
         writer.writerows(rows)
 
 
+def read_json(path, error=ValueError, what: str = "", hint: str = ""):
+    """The JSON value in `path`; a file that is not JSON (or not UTF-8) raises `error` naming the file, as
+    "{what}{path}: not a JSON file (...){hint}"."""
+    import json  # noqa: PLC0415
+
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{what}{path}: not a JSON file ({exc}){hint}") from None
+
+
 def read_csv(path) -> list[dict]:
     import csv  # noqa: PLC0415
 

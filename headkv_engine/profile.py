@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from headkv_engine.files import atomic_path
+from headkv_engine.files import atomic_path, read_json
 
 FORMAT = "headkv-profile/1"
 STRATEGIES = ("full", "sink_window", "window_only", "prune")
@@ -451,11 +451,7 @@ def model_shape(model) -> dict:
 
 
 def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"{os.fspath(path)}: not valid JSON ({exc})") from exc
+    return read_json(path, error=ProfileError)
 
 
 def write_json_atomic(path, data) -> None:

@@ -89,7 +89,7 @@ def test_bad_layer_losses_are_clear_errors():
 def test_layer_losses_file_errors_name_the_file(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    with pytest.raises(hk.ProfileError, match=rf"layer_losses: {broken} is not a JSON file"):
+    with pytest.raises(hk.ProfileError, match=rf"layer_losses: {broken}: not a JSON file"):
         load_layer_losses(str(broken))
     repeated = tmp_path / "repeated.json"
     repeated.write_text(json.dumps({**constructed_losses(), "windows": [4, 4, 512]}))

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+from headkv_engine.files import read_json
 from headkv_engine.profile import write_json_atomic
 
 ENTROPY_WIDTH, SHARE_WIDTH, UNIFORMITY_WIDTH = 1.0, 0.3, 0.1
@@ -162,11 +162,7 @@ def load_classifications(path) -> list[HeadClassification]:
     """The classifications of a head_classifications.json (seed 000 schema); a ValueError names the file, the entry
     and the field that is missing or wrong."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not a JSON file ({exc})") from None
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("classifications"), list):
         raise ValueError(f"{path}: expected a head_classifications.json with a 'classifications' list")
     fields = HeadClassification.__dataclass_fields__

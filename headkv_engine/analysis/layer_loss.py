@@ -9,13 +9,13 @@ options with them.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 from tqdm.auto import tqdm
 
 from headkv_engine.evaluation import evaluate
+from headkv_engine.files import read_json
 from headkv_engine.profile import HeadPolicy, Profile, ProfileError, is_int
 
 LAYER_LOSSES_FORMAT = "headkv-layer-losses/1"
@@ -53,11 +53,7 @@ def load_layer_losses(layer_losses, num_layers: int | None = None) -> dict:
     if isinstance(layer_losses, (str, bytes)) or hasattr(layer_losses, "__fspath__"):
         path = os.fsdecode(layer_losses)
         where = f" (in {path})"
-        try:
-            with open(path, encoding="utf-8") as f:
-                layer_losses = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ProfileError(f"layer_losses: {path} is not a JSON file ({exc})") from exc
+        layer_losses = read_json(path, error=ProfileError, what="layer_losses: ")
     if not isinstance(layer_losses, dict) or layer_losses.get("format") != LAYER_LOSSES_FORMAT:
         raise ProfileError(f"layer_losses: expected a {LAYER_LOSSES_FORMAT!r} file from `headkv calibrate`{where}")
     windows, loss = layer_losses.get("windows"), layer_losses.get("loss_increase")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 
 import torch
 
+from headkv_engine.files import read_json
 from headkv_engine.ops.statistics import REGIONS, SINK_SIZES
 from headkv_engine.profile import write_json_atomic
 
@@ -178,11 +178,7 @@ def save_statistics(statistics, model_info: dict, path) -> None:
 def load_statistics(path) -> tuple[list[HeadStatistics], dict]:
     """(statistics, model_info) of a head_statistics.json."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not a JSON file ({exc})") from None
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("head_statistics"), list):
         raise ValueError(f"{path}: expected a head_statistics.json with a 'head_statistics' list")
     if not data["head_statistics"]:
