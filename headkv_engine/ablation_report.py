@@ -186,7 +186,8 @@ def plot_inverse(results, path):
                        label=f"B_streaming_{budget}")
     ax.set_xlabel("perplexity")
     ax.set_title("Windows per head type (groups I, J, K)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # the StreamingLLM lines are drawn only when those budgets were run
+        ax.legend(fontsize=8)
     save_figure(fig, path, dpi=120)
 
 
