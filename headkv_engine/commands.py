@@ -16,7 +16,7 @@ def analyze(args) -> int:
 
     if args.windows < 1:
         raise ValueError(f"--windows: expected at least 1 window, got {args.windows}")
-    with loading.results_dir(args.output_dir, args.force, loading.OUTPUTS["analyze"]):
+    with loading.results_dir(args.output_dir, args.force):
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         model, tokenizer, name = loading.load_model(args.model, dtype=dtype)
         text = loading.load_text(args.text_file, args.dataset)
@@ -26,6 +26,8 @@ def analyze(args) -> int:
         result = run_analysis(model, ids, sink_size=args.sink_size, local_window=args.local_window,
                               recent_ratio=args.recent_ratio, chunk_size=args.chunk_size, backend=args.backend,
                               model_name=name)
+        # an earlier run's outputs go only now, once this run has results to put in their place
+        loading.remove_outputs(args.output_dir, loading.OUTPUTS["analyze"])
         files = write_analysis(result, args.output_dir)
     print(open(os.path.join(args.output_dir, "analysis_summary.txt"), encoding="utf-8").read().split("COMPRESSIBLE")[0])
     print(f"wrote {len(files)} files to {args.output_dir} ({result.seconds:.1f} s)")
@@ -98,14 +100,14 @@ def ablate(args) -> int:
                        ("--statistics", statistics)):
         _require_file(flag, path)
     _check_ablation_dir(args.output_dir, args.force)
-    os.makedirs(args.output_dir, exist_ok=True)
-    model, tokenizer, name = loading.load_model(args.model)
-    text = loading.load_text(args.text_file, None)
-    ids = loading.encode_windows(tokenizer, text, args.max_tokens, args.windows, builtin=args.model == loading.BUILTIN,
-                                 offset=args.offset)
-    results = run_ablation(model, ids, args.output_dir, ablation=args.ablation, classifications=classifications,
-                           statistics=statistics, model_name=name, budgets=tuple(args.budgets), backend=args.backend,
-                           layer_losses=args.layer_losses, resume=not args.force)
+    with loading.results_dir(args.output_dir, force=True):  # _check_ablation_dir has decided what may be written
+        model, tokenizer, name = loading.load_model(args.model)
+        text = loading.load_text(args.text_file, None)
+        ids = loading.encode_windows(tokenizer, text, args.max_tokens, args.windows,
+                                     builtin=args.model == loading.BUILTIN, offset=args.offset)
+        results = run_ablation(model, ids, args.output_dir, ablation=args.ablation, classifications=classifications,
+                               statistics=statistics, model_name=name, budgets=tuple(args.budgets),
+                               backend=args.backend, layer_losses=args.layer_losses, resume=not args.force)
     files = write_report(results, args.output_dir)
     print(f"{len(results['configs'])} configurations; wrote ablation_results.json, {', '.join(files)} to "
           f"{args.output_dir}")
@@ -116,7 +118,8 @@ def demo(args) -> int:
     from headkv_engine.demo import run_demo  # noqa: PLC0415
 
     _require_file("--layer-losses", args.layer_losses)
-    with loading.results_dir(args.output_dir, args.force, loading.OUTPUTS["demo"]):  # run_demo checks the rest
+    # run_demo checks the rest of its inputs, then removes an earlier run's outputs
+    with loading.results_dir(args.output_dir, args.force):
         results = run_demo(args.output_dir, model_id=args.model, text_file=args.text_file,
                            analysis_tokens=args.analysis_tokens, eval_tokens=args.eval_tokens,
                            budgets=tuple(sorted(args.budgets)), eval_windows=args.eval_windows,
@@ -134,7 +137,7 @@ def bench(args) -> int:
     from headkv_engine.e2e_bench import check_arguments, run  # noqa: PLC0415
 
     methods = check_arguments(args)  # every input, before the output directory is touched
-    with loading.results_dir(args.output_dir, args.force, loading.OUTPUTS["bench"]):
+    with loading.results_dir(args.output_dir, args.force):  # an earlier run's outputs go when the new ones are written
         run(args, methods)
     print(open(os.path.join(args.output_dir, "bench_results.md"), encoding="utf-8").read())
     return 0

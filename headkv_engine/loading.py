@@ -143,11 +143,12 @@ def prepare_output_dir(path: str, force: bool, outputs=()) -> None:
 
 
 @contextlib.contextmanager
-def results_dir(path: str, force: bool, outputs=()):
-    """prepare_output_dir for a command's body: a directory made here is removed again if the body fails before
-    writing anything into it (a refused input leaves no empty results directory behind)."""
+def results_dir(path: str, force: bool):
+    """prepare_output_dir for a command's body, which removes an earlier run's outputs itself once its inputs are
+    checked (a refused run keeps them); a directory made here is removed again if the body fails before writing
+    anything into it (a refused input leaves no empty results directory behind)."""
     made = not os.path.exists(path)
-    prepare_output_dir(path, force, outputs)
+    prepare_output_dir(path, force)
     try:
         yield path
     except BaseException:

@@ -311,6 +311,15 @@ def test_analyze_force_removes_the_earlier_analysis_outputs(model_dir, text_file
     assert (out / "notes.txt").read_text() == "kept"
 
 
+def test_a_refused_run_under_force_keeps_the_earlier_results(model_dir, text_file, analysis, tmp_path, capsys):
+    out = _copy(analysis, tmp_path)
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["analyze", "--model", str(model_dir), "--text-file", str(tmp_path / "missing.txt"),
+                 "--max-tokens", "40", "--output-dir", str(out), "--force"]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing removed for a run that never started
+
+
 def test_calibrate_refuses_an_output_it_cannot_write_before_measuring(model_dir, text_file, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     for output, why in ((tmp_path, "is a directory"), (tmp_path / "file" / "losses.json", "is not a directory")):

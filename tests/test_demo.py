@@ -197,6 +197,16 @@ def test_demo_refuses_bad_inputs_before_any_result(model_dir, text_file, tmp_pat
     assert not out.exists()  # the directory the refused run made is gone again
 
 
+def test_a_refused_demo_under_force_keeps_the_earlier_results(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo_results.json").write_text("{}")
+    (out / "report.md").write_text("earlier")
+    assert main(tiny_demo_args(model_dir, text_file, out, "--budgets", "2", "--force")) == 2
+    assert "--budgets" in capsys.readouterr().err
+    assert (out / "report.md").read_text() == "earlier" and (out / "demo_results.json").exists()
+
+
 def test_results_dir_removes_only_an_empty_directory_it_made(tmp_path):
     made = tmp_path / "new"
     with pytest.raises(RuntimeError), loading.results_dir(str(made), False):
