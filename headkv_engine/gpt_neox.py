@@ -119,7 +119,8 @@ def model_forward(
         raise ValueError(f"the cache was built for position_mode={cache.position_mode!r} and the model is patched "
                          f"with {handle.position_mode!r}: their keys are rotated differently")
     cache.backend = handle.backend  # the patched model's backend computes, whoever built the cache
-    new_mask = None if attention_mask is None else attention_mask[:, -tokens:].detach().to("cpu", torch.long)
+    # nonzero = a real token, as transformers reads a mask (a float 0.5 too; a cast to long would truncate it)
+    new_mask = None if attention_mask is None else (attention_mask[:, -tokens:].detach().to("cpu") != 0).long()
     order = None
     if new_mask is not None and new_mask.shape == (batch, tokens) and bool(
         ((new_mask[:, 1:] == 0) & (new_mask[:, :-1] != 0)).any()

@@ -630,6 +630,19 @@ def test_right_padded_batch_equals_the_unpatched_model_on_its_real_tokens(model,
     assert (got - reference_logits(model, profile, ids, mask))[real].abs().max() <= 1e-3
 
 
+def test_a_float_mask_is_read_as_transformers_reads_it(model, ids):
+    """Any nonzero mask value is a real token (a float mask of 0.5 is not truncated to padding)."""
+    mask = torch.ones(ids.shape)
+    mask[0, :4] = 0.0
+    mask[1, 3:] = 0.5
+    dense = model(ids, attention_mask=mask).logits
+    real = mask != 0
+    with hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend="torch"):
+        out = model(ids, attention_mask=mask, use_cache=True)
+    assert (out.logits - dense)[real].abs().max() <= 1e-4
+    assert torch.equal(out.past_key_values.kept_tokens(0)[:, 0], real.sum(1))
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_a_later_turn_padded_after_real_tokens_continues_like_the_unpatched_model(model, backend):
     """Multi-turn over one cache: a left-padded first turn generated, then a new turn whose block has padding
