@@ -17,12 +17,12 @@ divergence the most per token.
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 
 from headkv_engine.analysis.layer_loss import layer_loss, load_layer_losses
+from headkv_engine.files import read_json
 from headkv_engine.profile import HeadPolicy, Profile, ProfileError
 
 
@@ -35,8 +35,7 @@ def _get(stat, name, default=None):
 def _load(statistics):
     """(list of per-head statistics, model_info dict) from a path, a parsed file, an AnalysisResult or a list."""
     if isinstance(statistics, (str, bytes)) or hasattr(statistics, "__fspath__"):
-        with open(statistics, encoding="utf-8") as f:
-            statistics = json.load(f)
+        statistics = read_json(statistics, error=ProfileError)
     if isinstance(statistics, dict):
         return statistics.get("head_statistics", []), statistics.get("model_info", {})
     if hasattr(statistics, "statistics"):

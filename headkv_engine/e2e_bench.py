@@ -216,10 +216,17 @@ def check_arguments(args) -> list[str]:
                          f"got {args.budget}: nothing would be compressed")
     config = loading.load_config(args.model)
     # the profiles' files are read and checked against the model's shape here, not after the full-cache run
-    if "head_aware" in methods:
-        Profile.from_classifications(args.classifications).check_model(config)
-    if "from_budget" in methods:
-        Profile.from_budget(args.statistics, args.budget, length=args.max_tokens).check_model(config)
+    for method, flag, path, build in (
+        ("head_aware", "--classifications", args.classifications, lambda: Profile.from_classifications(
+            args.classifications)),
+        ("from_budget", "--statistics", args.statistics, lambda: Profile.from_budget(
+            args.statistics, args.budget, length=args.max_tokens)),
+    ):
+        if method in methods:
+            try:
+                build().check_model(config)
+            except ValueError as exc:  # named by the flag, and by the file unless the error names it
+                raise ValueError(f"{flag}: {exc}" if path in str(exc) else f"{flag}: {path}: {exc}") from None
     _prompts(loading.load_tokenizer(args.model), loading.load_text(args.text_file, None), args)
     return methods
 

@@ -79,7 +79,12 @@ def test_inputs_checked_before_any_method_runs(model_dir, text_file, tmp_path, n
     classifications.write_text(json.dumps({"classifications": [
         {"layer_idx": layer, "head_idx": head, "compression_strategy": "none"} for layer in range(3)
         for head in range(4)]}))
-    assert "model.num_layers: profile has 3, the model has 2" in refused("--classifications", str(classifications))
+    assert refused("--classifications", str(classifications)) == (
+        f"--classifications: {classifications}: model.num_layers: profile has 3, the model has 2")
+    broken = tmp_path / "head_statistics.json"
+    broken.write_text("{")
+    assert refused("--method", "from_budget", "--statistics", str(broken)).startswith(
+        f"--statistics: {broken}: not a JSON file")
     assert refused("--method", "full", "--max-tokens", "500").startswith("--max-tokens: the text has 400 tokens")
     short = tmp_path / "short.txt"
     short.write_text(" ".join(["the"] * 60))
