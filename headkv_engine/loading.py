@@ -4,8 +4,8 @@ a `datasets` dataset or the built-in held-out text."""
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
+import re
 import warnings
 
 import torch
@@ -112,7 +112,7 @@ def encode(tokenizer, text: str, max_tokens: int, builtin: bool, offset: int = 0
     return torch.tensor(ids)
 
 
-# What each command writes into its output directory: glob patterns relative to it. `--force` removes the files
+# What each command writes into its output directory, relative to it ({n}: a budget). `--force` removes the files
 # of these names an earlier run left (a from_budget profile of a budget not asked for again, the
 # refined_classifications.json of an earlier --reclassify, an analysis's validation/ now out of date, the
 # temporaries of an interrupted write), so that the directory holds this run's results only; any other file stays.
@@ -124,8 +124,8 @@ OUTPUTS = {
     "analyze": (*_ANALYSIS, *(f"validation/{name}" for name in _VALIDATION)),
     "validate": _VALIDATION,
     "demo": ("demo_results.json", "ppl_vs_context.png", "report.md", *(f"analysis/{name}" for name in _ANALYSIS),
-             "profiles/full.json", "profiles/head_aware.json", "profiles/B_streaming_*.json",
-             "profiles/from_budget_*.json"),
+             "profiles/full.json", "profiles/head_aware.json", "profiles/B_streaming_{n}.json",
+             "profiles/from_budget_{n}.json", "profiles/from_budget_measured_{n}.json"),
     "bench": ("bench_results.csv", "bench_results.json", "bench_results.md"),
 }
 
@@ -173,17 +173,33 @@ def check_output_file(path: str, force: bool, flag: str = "--output") -> None:
         raise ValueError(f"{flag}: cannot write {path!r}: {parent!r} is not writable")
 
 
+def _output_name(name: str) -> str:
+    """The regular expression of an OUTPUTS name ({n}: a budget, digits) or of its interrupted write's temporary
+    (files.atomic_path: `.NAME.` + tempfile's 8 random characters + an optional extension)."""
+    exact = re.escape(name).replace(re.escape("{n}"), r"[0-9]+")
+    return rf"{exact}|\.{exact}\.[a-z0-9_]{{8}}(\.[A-Za-z0-9]+)?"
+
+
+def is_output(relative: str, outputs) -> bool:
+    """Whether `relative` (a path inside a results directory) is one of the `outputs` names or their temporaries."""
+    folder, name = os.path.split(relative)
+    return any(os.path.dirname(p) == folder and re.fullmatch(_output_name(os.path.basename(p)), name)
+               for p in outputs)
+
+
 def remove_outputs(path: str, outputs) -> list[str]:
-    """Remove the files under `path` that match the `outputs` patterns (relative to it), and the temporaries an
-    interrupted atomic write of them left (files.atomic_path: `.NAME.*` beside NAME); returns the removed paths."""
+    """Remove the files under `path` that are `outputs` names (relative to it) or an interrupted write's temporary of
+    one; any other file stays, and a folder that is a link is not entered. Returns the removed paths."""
     removed = []
-    for pattern in outputs:
-        folder, name = os.path.split(pattern)
-        for candidate in (name, f".{name}.*"):
-            for found in sorted(glob.glob(os.path.join(glob.escape(path), folder, candidate))):
-                if os.path.islink(found) or os.path.isfile(found):  # a link is removed, never what it points to
-                    os.remove(found)
-                    removed.append(found)
+    for folder in sorted({os.path.dirname(p) for p in outputs}):
+        where = os.path.join(path, folder)
+        if (folder and os.path.islink(where)) or not os.path.isdir(where):
+            continue
+        for name in sorted(os.listdir(where)):
+            found = os.path.join(where, name)
+            if is_output(os.path.join(folder, name), outputs) and (os.path.islink(found) or os.path.isfile(found)):
+                os.remove(found)  # a link is removed, never what it points to
+                removed.append(found)
     return removed
 
 

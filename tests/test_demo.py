@@ -1,6 +1,5 @@
 """`headkv demo` end to end on the built-in model, in a shortened setting."""
 
-import fnmatch
 import json
 import time
 
@@ -137,20 +136,23 @@ def test_force_removes_an_earlier_runs_results_only(model_dir, text_file, tmp_pa
     assert main(tiny_demo_args(model_dir, text_file, out, "--budgets", "8", "12")) == 0
     (out / "notes.txt").write_text("mine")  # files of the user's stay
     (out / "profiles" / "mine.json").write_text("{}")
-    (out / "profiles" / ".from_budget_8.json.abc123.json").write_text("")  # an interrupted write's temporary
+    (out / "profiles" / ".from_budget_8.json.abc1_3xy.json").write_text("")  # an interrupted write's temporary
+    (out / "profiles" / "from_budget_my_tuned.json").write_text("{}")  # the user's, though named alike
     began = time.perf_counter()
     assert main(tiny_demo_args(model_dir, text_file, out, "--budgets", "10", "--force")) == 0
     seconds = time.perf_counter() - began
     profiles = sorted(p.name for p in (out / "profiles").iterdir())
-    assert profiles == ["B_streaming_10.json", "from_budget_10.json", "full.json", "head_aware.json", "mine.json"]
+    assert profiles == ["B_streaming_10.json", "from_budget_10.json", "from_budget_my_tuned.json", "full.json",
+                        "head_aware.json", "mine.json"]
     assert (out / "notes.txt").read_text() == "mine"
     # the evaluation's own time, not the whole demo's
     results = json.loads((out / "demo_results.json").read_text())
     assert 0 < results["evaluation_seconds"] < seconds / 2
     assert f"4 profiles evaluated in {results['evaluation_seconds']:.0f} s" in (out / "report.md").read_text()
     # every file the demo wrote is one of its known outputs (so --force can find them again)
-    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"notes.txt", "profiles/mine.json"}
-    assert all(any(fnmatch.fnmatch(f, pattern) for pattern in loading.OUTPUTS["demo"]) for f in written), written
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {
+        "notes.txt", "profiles/mine.json", "profiles/from_budget_my_tuned.json"}
+    assert all(loading.is_output(f, loading.OUTPUTS["demo"]) for f in written), written
 
 
 def test_output_names_are_those_the_writers_write(tmp_path):
@@ -170,13 +172,15 @@ def test_output_names_are_those_the_writers_write(tmp_path):
 def test_prepare_output_dir_force_removes_known_names_only(tmp_path):
     out = tmp_path / "v"
     out.mkdir()
-    for name in ("refined_classifications.json", "validation_report.txt", "keep.txt", ".validation_report.txt.x"):
+    for name in ("refined_classifications.json", "validation_report.txt", "keep.txt", ".validation_report.txt.x",
+                 ".validation_report.txt.a1b2c3d4"):
         (out / name).write_text("old")
     (out / "entropy_by_type.png").mkdir()  # a directory of an output's name is not removed
     with pytest.raises(ValueError, match="--force"):
         loading.prepare_output_dir(str(out), False, loading.OUTPUTS["validate"])
     loading.prepare_output_dir(str(out), True, loading.OUTPUTS["validate"])
-    assert sorted(p.name for p in out.iterdir()) == ["entropy_by_type.png", "keep.txt"]
+    # kept: a name that is no temporary of ours (".x" is not tempfile's 8 random characters)
+    assert sorted(p.name for p in out.iterdir()) == [".validation_report.txt.x", "entropy_by_type.png", "keep.txt"]
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="--output-dir: .* is not a directory"):
         loading.prepare_output_dir(str(tmp_path / "file"), True)
@@ -205,6 +209,18 @@ def test_a_refused_demo_under_force_keeps_the_earlier_results(model_dir, text_fi
     assert main(tiny_demo_args(model_dir, text_file, out, "--budgets", "2", "--force")) == 2
     assert "--budgets" in capsys.readouterr().err
     assert (out / "report.md").read_text() == "earlier" and (out / "demo_results.json").exists()
+
+
+def test_remove_outputs_does_not_enter_a_linked_folder(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "full.json").write_text("the user's")
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "profiles").symlink_to(elsewhere)
+    (out / "report.md").write_text("old")
+    assert loading.remove_outputs(str(out), loading.OUTPUTS["demo"]) == [str(out / "report.md")]
+    assert (elsewhere / "full.json").read_text() == "the user's"
 
 
 def test_results_dir_removes_only_an_empty_directory_it_made(tmp_path):
