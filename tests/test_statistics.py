@@ -110,12 +110,26 @@ def test_save_round_trip(tmp_path):
     assert info["num_layers"] == 2 and info["tokens"] == 50 and info["backend"] in ("cpu", "torch")
 
 
+def test_non_finite_statistics_round_trip_as_nan(tmp_path):
+    """save writes a NaN statistic as null (strict JSON); load reads it back as NaN instead of refusing it."""
+    from headkv_engine.analysis import load_statistics  # noqa: PLC0415
+
+    result = hk.analyze(tiny_model(1, 2, 16), torch.randint(0, 97, (30,)), progress=False)
+    result.statistics[1].mean_entropy = float("nan")
+    result.statistics[1].position_preference["recent"] = float("nan")
+    result.statistics[1].relative_position_dist[3] = float("inf")
+    stats, _ = load_statistics(result.save(tmp_path))
+    assert math.isnan(stats[1].mean_entropy) and math.isnan(stats[1].position_preference["recent"])
+    assert math.isnan(stats[1].relative_position_dist[3])
+    assert stats[0] == result.statistics[0]
+
+
 @pytest.mark.parametrize("field, value, expected", [
     ("layer_idx", 1.0, "layer_idx: expected an integer >= 0, got 1.0"),
     ("relative_position_dist", [0.5, 0.5], "relative_position_dist: expected a list of 64 numbers (layer 0, head 1)"),
     ("sink_mass_by_size", [0.1], "sink_mass_by_size: expected an object"),
     ("mass_by_query_position", [{"positions": [0, 1]}], "mass_by_query_position: expected a list of objects"),
-    ("position_preference", {"sink": 0.5, "local": 0.5, "recent": None, "global": 0.0},
+    ("position_preference", {"sink": 0.5, "local": 0.5, "recent": "0.2", "global": 0.0},
      "position_preference: expected an object with a number for each of ['sink', 'local', 'recent', 'global']"),
 ])
 def test_load_names_the_file_entry_and_field(tmp_path, field, value, expected):

@@ -54,6 +54,7 @@ class HeadStatistics:
         if missing:
             raise ValueError(f"head statistics entry lacks {missing} "
                              f"(layer {data.get('layer_idx')}, head {data.get('head_idx')})")
+        data = _nulls_as_nan(data)
         _check_fields(data)
         values = {k: v for k, v in data.items() if k in names}
         values.setdefault("std_entropy", 0.0)
@@ -71,6 +72,20 @@ class HeadStatistics:
         return cls(**values)
 
 
+def _nulls_as_nan(data: dict) -> dict:
+    """The entry with null statistics read back as NaN: save_statistics writes a non-finite value as null."""
+    nan = float("nan")
+    data = {k: nan if v is None and k in SCALAR_FIELDS else v for k, v in data.items()}
+    if isinstance(data["position_preference"], dict):
+        data["position_preference"] = {k: nan if v is None else v for k, v in data["position_preference"].items()}
+    if isinstance(data.get("relative_position_dist"), list):
+        data["relative_position_dist"] = [nan if v is None else v for v in data["relative_position_dist"]]
+    return data
+
+
+SCALAR_FIELDS = ("mean_entropy", "std_entropy", "max_attention_mean", "sink_ratio", "uniformity_score")
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -81,7 +96,7 @@ def _check_fields(data: dict) -> None:
     for key in ("layer_idx", "head_idx"):
         if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 0:
             raise ValueError(f"{key}: expected an integer >= 0, got {data[key]!r}")
-    for key in ("mean_entropy", "std_entropy", "max_attention_mean", "sink_ratio", "uniformity_score"):
+    for key in SCALAR_FIELDS:
         if key in data and not _is_number(data[key]):
             raise ValueError(f"{key}: expected a number, got {data[key]!r} {head}")
     preference = data["position_preference"]
