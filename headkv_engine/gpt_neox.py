@@ -54,8 +54,7 @@ def rotary_float64_angles(handle, rotary, x, positions):
     freqs = positions.to("cpu", torch.float64)[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     scaling = rotary.attention_scaling
-    cos = (emb.cos() * scaling).to(x.device, x.dtype)
-    sin = (emb.sin() * scaling).to(x.device, x.dtype)
+    cos, sin = (torch.stack((emb.cos(), emb.sin())) * scaling).to(x.device, x.dtype)  # one copy to the device
     return cos, sin
 
 
