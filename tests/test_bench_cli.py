@@ -107,7 +107,7 @@ def test_results_say_what_the_memory_figure_is(tmp_path):
            "ttft_ms": 1.0, "tpot_ms": 1.0, "throughput_tok_s": 1.0, "peak_memory_mb": 3.0, "peak_memory": "rss_peak",
            "kv_bytes": 10, "backend": "torch", "date": "d", "machine": "m", "torch": "t", "transformers": "t",
            "headkv_engine": "h", "commit": "c", "tpot_speedup_vs_full": 1.0, "kv_fraction_of_full": 1.0}
-    stale = tmp_path / ".bench_results.md.abc.md"  # the temporary of an interrupted earlier write
+    stale = tmp_path / ".bench_results.md.a1b2c3d4"  # the temporary of an interrupted earlier write
     stale.write_text("")
     e2e_bench._write([row], tmp_path)
     assert not stale.exists()
