@@ -108,6 +108,10 @@ class LayerStore:
     def nbytes(self) -> int:
         return self.k_pool.numel() * self.k_pool.element_size() + self.v_pool.numel() * self.v_pool.element_size()
 
+    def kept_nbytes(self) -> int:
+        row = self.k_pool.shape[1] * self.k_pool.element_size() + self.v_pool.shape[1] * self.v_pool.element_size()
+        return int(self.length.sum()) * row
+
 
 class HeadKVCache(Cache):
     """A ragged per-head KV cache driven by a `Profile`; created by a patched model's forward.
@@ -376,6 +380,11 @@ class HeadKVCache(Cache):
     def nbytes(self) -> int:
         """Bytes of key/value storage really allocated, all layers (positions index not included)."""
         return sum(store.nbytes() for store in self.stores if store is not None)
+
+    def kept_nbytes(self) -> int:
+        """Bytes of the key/value rows written (the tokens kept), all layers: nbytes() less the room full heads
+        hold for growth (at most an eighth of theirs)."""
+        return sum(store.kept_nbytes() for store in self.stores if store is not None)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         raise NotImplementedError(

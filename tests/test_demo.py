@@ -26,9 +26,14 @@ def test_demo_writes_a_report(tmp_path, capsys):
     assert (results["analysis"]["tokens"], results["analysis"]["sequences"]) == (300, 3)
     assert results["eval_offset"] == 3 * 99
     assert next(c for c in results["configs"] if c["name"] == "from_budget_16")["effective_context"] <= 16
-    assert results["decode"]["from_budget_16"]["kv_bytes"] < results["decode"]["full"]["kv_bytes"]
+    decode = results["decode"]
+    assert decode["from_budget_16"]["kv_bytes"] < decode["full"]["kv_bytes"]
+    assert decode["full"]["kv_bytes_kept"] == decode["full"]["kv_bytes"]  # the dense cache holds no spare room
+    assert all(v["kv_bytes_kept"] <= v["kv_bytes"] for v in decode.values())
     report = (out / "report.md").read_text()
     assert "## Perplexity at equal budget" in report and "B_streaming_48" in report
+    kept = decode["from_budget_16"]["kv_bytes_kept"]
+    assert f"| from_budget_16 | {decode['from_budget_16']['ms_per_token']:.2f} | {kept:,} |" in report
     assert "`from_budget_measured` is at or below StreamingLLM's perplexity at" in report
     for name in ("ppl_vs_context.png", "analysis/head_statistics.json", "analysis/entropy_heatmap.png",
                  "profiles/from_budget_16.json"):

@@ -477,6 +477,8 @@ def test_kept_tokens_and_nbytes(model, backend):
                 if policy.strategy != "full":
                     assert (cap[:, h] <= policy.sink_size + policy.window_size).all()
             assert store.nbytes() == 2 * itemsize * HEAD_DIM * int(cap.sum())
+        # the rows written: the tokens kept, without the room for growth
+        assert cache.kept_nbytes() == 2 * itemsize * HEAD_DIM * 2 * int(expected.sum()) < cache.nbytes()
     dense_bytes = 2 * LAYERS * HEADS * 30 * HEAD_DIM * itemsize * 2
     assert cache.nbytes() < dense_bytes
 
