@@ -193,7 +193,8 @@ def _write_report(results, classifications, output_dir):
                      f"{100 * v['kv_bytes_kept'] / dense['kv_bytes']:.1f}% of the bytes kept "
                      f"({100 * v['kv_bytes'] / dense['kv_bytes']:.1f}% allocated), "
                      f"{dense['ms_per_token'] / v['ms_per_token']:.2f}x the speed |")
-    lines += ["", f"After {results['decode_context']} prompt tokens and {results['decode_new_tokens']} decoded. "
+    lines += ["", f"Bytes of the caches after the {results['decode_context']}-token prompt and "
+              f"{results['decode_new_tokens'] + 1} decode steps (the first untimed). "
               "Kept: the rows written; allocated: what the pools hold, full heads' room for growth included (up to "
               "an eighth more rows, so that the pools move once per 16-256 steps)."]
     frontier = ", ".join(c["name"] for c in pareto_frontier([c for c in results["configs"] if c["name"] != "full"]))
