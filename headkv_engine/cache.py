@@ -179,10 +179,13 @@ class HeadKVCache(Cache):
 
     # --- the step protocol used by the patched model ------------------------------------------------------
 
-    def begin_step(self, num_tokens: int, batch_size: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def begin_step(self, num_tokens: int, batch_size: int, attention_mask: torch.Tensor | None = None,
+                   stored_real: torch.Tensor | None = None) -> torch.Tensor:
         """Assign positions to a block of `num_tokens` new columns; returns them, [B, T] int64 (-1 = padding).
 
         `attention_mask` holds the block's columns (1 = real token); padding may only precede real tokens.
+        `stored_real` [B] (host): the real tokens a full-width mask gives the columns already stored; a stored token
+        cannot be turned into padding afterwards, so a count other than the cache's is refused.
         """
         if self._failed is not None:
             raise RuntimeError(f"this HeadKVCache was left incomplete by a forward that failed ({self._failed}); "
@@ -190,6 +193,13 @@ class HeadKVCache(Cache):
         if self.seen is not None and self.seen.shape[0] != batch_size:
             raise ValueError(f"batch size changed from {self.seen.shape[0]} to {batch_size} within one HeadKVCache")
         seen = torch.zeros(batch_size, dtype=torch.long) if self.seen is None else self.seen
+        if stored_real is not None and not torch.equal(stored_real, seen):
+            row = int((stored_real != seen).nonzero()[0, 0])
+            raise ValueError(
+                f"attention_mask: its columns of the {self.columns} tokens already in the cache give sequence {row} "
+                f"{int(stored_real[row])} real tokens, the cache stored {int(seen[row])}: a token once stored stays "
+                "visible (evicted ones are gone), so the mask of the stored columns must stay as it was given"
+            )
         if attention_mask is None:
             real = torch.ones(batch_size, num_tokens, dtype=torch.long)
         else:

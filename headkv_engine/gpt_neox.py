@@ -118,8 +118,16 @@ def model_forward(
         raise ValueError(f"the cache was built for position_mode={cache.position_mode!r} and the model is patched "
                          f"with {handle.position_mode!r}: their keys are rotated differently")
     cache.backend = handle.backend  # the patched model's backend computes, whoever built the cache
-    # nonzero = a real token, as transformers reads a mask (a float 0.5 too; a cast to long would truncate it)
-    new_mask = None if attention_mask is None else (attention_mask[:, -tokens:].detach().to("cpu") != 0).long()
+    new_mask, stored_real = None, None
+    if attention_mask is not None:
+        # nonzero = a real token, as transformers reads a mask (a float 0.5 too; a cast to long would truncate it)
+        real = attention_mask.detach() != 0
+        if real.dim() == 2 and real.shape[1] == cache.get_seq_length() + tokens and cache.get_seq_length() > 0:
+            # the stored columns' count travels in the same copy to the host as the new columns
+            both = torch.cat([real[:, -tokens:].long(), real[:, :-tokens].sum(1, keepdim=True)], dim=1).to("cpu")
+            new_mask, stored_real = both[:, :-1], both[:, -1]
+        else:
+            new_mask = real[:, -tokens:].long().to("cpu")
     order = None
     if new_mask is not None and new_mask.shape == (batch, tokens) and bool(
         ((new_mask[:, 1:] == 0) & (new_mask[:, :-1] != 0)).any()
@@ -133,7 +141,7 @@ def model_forward(
         inputs_embeds = reorder_columns(inputs_embeds, order)
         if position_ids is not None:
             position_ids = position_ids.expand(batch, tokens).gather(1, order)
-    host_positions = cache.begin_step(tokens, batch, new_mask)  # (on the host, where the cache counts)
+    host_positions = cache.begin_step(tokens, batch, new_mask, stored_real)  # (on the host, where the cache counts)
     if position_ids is None or handle.position_mode == "shifted":
         position_ids = host_positions.clamp(min=0).to(inputs_embeds.device)
 

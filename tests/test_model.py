@@ -632,6 +632,23 @@ def test_right_padded_batch_equals_the_unpatched_model_on_its_real_tokens(model,
     assert (got - reference_logits(model, profile, ids, mask))[real].abs().max() <= 1e-3
 
 
+def test_a_mask_that_hides_a_stored_token_is_refused(model, ids):
+    """A token once in the cache stays visible; a later mask that marks it as padding (the unpatched model would
+    hide it) is refused, and the cache continues with the mask as it was."""
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0  # left padding, as given
+    with hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend="torch"):
+        cache = model(ids[:, :10], attention_mask=mask[:, :10], use_cache=True).past_key_values
+        hidden = mask.clone()
+        hidden[0, 4] = 0
+        with pytest.raises(ValueError, match=r"attention_mask: its columns of the 10 tokens already in the cache give "
+                                             r"sequence 0 9 real tokens, the cache stored 10"):
+            model(ids[:, 10:11], attention_mask=hidden[:, :11], cache=cache, use_cache=True)
+        got = model(ids[:, 10:12], attention_mask=mask, cache=cache, use_cache=True).logits
+    want = model(ids[:, :12], attention_mask=mask).logits[:, 10:]
+    assert (got - want).abs().max() <= 1e-4
+
+
 def test_a_float_mask_is_read_as_transformers_reads_it(model, ids):
     """Any nonzero mask value is a real token (a float mask of 0.5 is not truncated to padding)."""
     mask = torch.ones(ids.shape)
