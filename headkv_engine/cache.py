@@ -393,7 +393,7 @@ class HeadKVCache(Cache):
 
     def kept_nbytes(self) -> int:
         """Bytes of the key/value rows written (the tokens kept), all layers: nbytes() less the room full heads
-        hold for growth (at most an eighth of theirs)."""
+        hold for growth (an eighth of their rows, at least 16 and at most 256)."""
         return sum(store.kept_nbytes() for store in self.stores if store is not None)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

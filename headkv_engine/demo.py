@@ -195,8 +195,8 @@ def _write_report(results, classifications, output_dir):
                      f"{dense['ms_per_token'] / v['ms_per_token']:.2f}x the speed |")
     lines += ["", f"Bytes of the caches after the {results['decode_context']}-token prompt and "
               f"{results['decode_new_tokens'] + 1} decode steps (the first untimed). "
-              "Kept: the rows written; allocated: what the pools hold, full heads' room for growth included (up to "
-              "an eighth more rows, so that the pools move once per 16-256 steps)."]
+              "Kept: the rows written; allocated: what the pools hold, full heads' room for growth included (an "
+              "eighth more rows, 16 to 256, so that the pools move once per 16-256 steps)."]
     frontier = ", ".join(c["name"] for c in pareto_frontier([c for c in results["configs"] if c["name"] != "full"]))
     lines += [
         "",

@@ -122,7 +122,7 @@ def model_forward(
     if attention_mask is not None:
         # nonzero = a real token, as transformers reads a mask (a float 0.5 too; a cast to long would truncate it)
         real = attention_mask.detach() != 0
-        if real.dim() == 2 and real.shape[1] == cache.get_seq_length() + tokens and cache.get_seq_length() > 0:
+        if real.shape == (batch, cache.get_seq_length() + tokens) and cache.get_seq_length() > 0:
             # the stored columns' count travels in the same copy to the host as the new columns
             both = torch.cat([real[:, -tokens:].long(), real[:, :-tokens].sum(1, keepdim=True)], dim=1).to("cpu")
             new_mask, stored_real = both[:, :-1], both[:, -1]

@@ -649,6 +649,13 @@ def test_a_mask_that_hides_a_stored_token_is_refused(model, ids):
     assert (got - want).abs().max() <= 1e-4
 
 
+def test_a_full_width_mask_of_another_batch_size_is_a_clear_error(model, ids):
+    with hk.patch_model(model, hk.Profile.full(LAYERS, HEADS), backend="torch"):
+        cache = model(ids[:, :7], use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=r"attention_mask must cover the new tokens: expected \(2, 1\)"):
+            model(ids[:, 7:8], attention_mask=torch.ones(1, 8, dtype=torch.long), cache=cache, use_cache=True)
+
+
 def test_a_float_mask_is_read_as_transformers_reads_it(model, ids):
     """Any nonzero mask value is a real token (a float mask of 0.5 is not truncated to padding)."""
     mask = torch.ones(ids.shape)
