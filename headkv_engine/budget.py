@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 from headkv_engine.analysis.layer_loss import layer_loss, load_layer_losses
+from headkv_engine.analysis.statistics import nulls_as_nan
 from headkv_engine.files import read_json
 from headkv_engine.profile import HeadPolicy, Profile, ProfileError
 
@@ -36,6 +37,10 @@ def _load(statistics):
     """(list of per-head statistics, model_info dict) from a path, a parsed file, an AnalysisResult or a list."""
     if isinstance(statistics, (str, bytes)) or hasattr(statistics, "__fspath__"):
         statistics = read_json(statistics, error=ProfileError)
+        if isinstance(statistics, dict) and isinstance(statistics.get("head_statistics"), list):
+            # a non-finite statistic is written as null: read it back as NaN, as load_statistics does
+            statistics["head_statistics"] = [nulls_as_nan(s) if isinstance(s, dict) else s
+                                             for s in statistics["head_statistics"]]
     if isinstance(statistics, dict):
         return statistics.get("head_statistics", []), statistics.get("model_info", {})
     if hasattr(statistics, "statistics"):

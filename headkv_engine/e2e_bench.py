@@ -225,7 +225,7 @@ def check_arguments(args) -> list[str]:
         if method in methods:
             try:
                 build().check_model(config)
-            except ValueError as exc:  # named by the flag, and by the file unless the error names it
+            except (ValueError, TypeError) as exc:  # named by the flag, and by the file unless the error names it
                 raise ValueError(f"{flag}: {exc}" if path in str(exc) else f"{flag}: {path}: {exc}") from None
     _prompts(loading.load_tokenizer(args.model), loading.load_text(args.text_file, None), args)
     return methods

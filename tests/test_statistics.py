@@ -118,10 +118,15 @@ def test_non_finite_statistics_round_trip_as_nan(tmp_path):
     result.statistics[1].mean_entropy = float("nan")
     result.statistics[1].position_preference["recent"] = float("nan")
     result.statistics[1].relative_position_dist[3] = float("inf")
-    stats, _ = load_statistics(result.save(tmp_path))
+    result.statistics[1].sink_mass_by_size[4] = float("nan")
+    result.statistics[1].distance_mass_log2[2] = float("nan")
+    path = result.save(tmp_path)
+    stats, _ = load_statistics(path)
     assert math.isnan(stats[1].mean_entropy) and math.isnan(stats[1].position_preference["recent"])
-    assert math.isnan(stats[1].relative_position_dist[3])
+    assert math.isnan(stats[1].relative_position_dist[3]) and math.isnan(stats[1].sink_mass_by_size[4])
+    assert math.isnan(stats[1].distance_mass_log2[2])
     assert stats[0] == result.statistics[0]
+    hk.Profile.from_budget(path, 8, length=30)  # the budget planner reads the file too (was a TypeError on null)
 
 
 @pytest.mark.parametrize("field, value, expected", [

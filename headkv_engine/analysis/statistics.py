@@ -54,7 +54,7 @@ class HeadStatistics:
         if missing:
             raise ValueError(f"head statistics entry lacks {missing} "
                              f"(layer {data.get('layer_idx')}, head {data.get('head_idx')})")
-        data = _nulls_as_nan(data)
+        data = nulls_as_nan(data)
         _check_fields(data)
         values = {k: v for k, v in data.items() if k in names}
         values.setdefault("std_entropy", 0.0)
@@ -72,17 +72,25 @@ class HeadStatistics:
         return cls(**values)
 
 
-def _nulls_as_nan(data: dict) -> dict:
+def nulls_as_nan(data: dict) -> dict:
     """The entry with null statistics read back as NaN: save_statistics writes a non-finite value as null."""
-    nan = float("nan")
-    data = {k: nan if v is None and k in SCALAR_FIELDS else v for k, v in data.items()}
-    if isinstance(data["position_preference"], dict):
-        data["position_preference"] = {k: nan if v is None else v for k, v in data["position_preference"].items()}
-    if isinstance(data.get("relative_position_dist"), list):
-        data["relative_position_dist"] = [nan if v is None else v for v in data["relative_position_dist"]]
-    return data
+    return {k: _null_to_nan(v) if k in SCALAR_FIELDS or k in MEASURED_FIELDS else v for k, v in data.items()}
 
 
+def _null_to_nan(value):
+    """`value` with every null, at any depth of lists and objects, read as NaN."""
+    if value is None:
+        return float("nan")
+    if isinstance(value, list):
+        return [_null_to_nan(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _null_to_nan(v) for k, v in value.items()}
+    return value
+
+
+# the fields that hold measured numbers, nested in lists and objects
+MEASURED_FIELDS = ("position_preference", "relative_position_dist", "distance_mass_log2", "sink_mass_by_size",
+                   "mass_by_query_position")
 SCALAR_FIELDS = ("mean_entropy", "std_entropy", "max_attention_mean", "sink_ratio", "uniformity_score")
 
 
