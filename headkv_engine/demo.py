@@ -49,6 +49,10 @@ def run_demo(output_dir, model_id="builtin", text_file=None, analysis_tokens=204
     if not budgets or any(not 4 < b < eval_tokens for b in budgets):
         raise ValueError(f"--budgets: every budget must exceed the 4 StreamingLLM sinks and be below --eval-tokens "
                          f"({eval_tokens}; a budget of the whole window compresses nothing), got {list(budgets)}")
+    for folder in ("analysis", "profiles"):  # --force cleans only real folders; nothing is written through a link
+        if os.path.islink(os.path.join(output_dir, folder)):
+            raise ValueError(f"--output-dir: {os.path.join(output_dir, folder)!r} is a link; the demo writes its "
+                             f"{folder}/ itself: remove the link or use another --output-dir")
     model, tokenizer, name = loading.load_model(model_id)
     text = loading.load_text(text_file, None)
     builtin = model_id == loading.BUILTIN

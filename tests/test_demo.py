@@ -228,6 +228,17 @@ def test_remove_outputs_does_not_enter_a_linked_folder(tmp_path):
     assert (elsewhere / "full.json").read_text() == "the user's"
 
 
+def test_demo_refuses_to_write_through_a_linked_folder(model_dir, text_file, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "profiles").symlink_to(elsewhere)
+    assert main(tiny_demo_args(model_dir, text_file, out, "--budgets", "8", "--force")) == 2
+    assert "profiles' is a link" in capsys.readouterr().err
+    assert not any(elsewhere.iterdir())
+
+
 def test_results_dir_removes_only_an_empty_directory_it_made(tmp_path):
     made = tmp_path / "new"
     with pytest.raises(RuntimeError), loading.results_dir(str(made), False):
