@@ -113,6 +113,12 @@ class LayerStore:
         return int(self.length.sum()) * row
 
 
+def padding_after_real(real: torch.Tensor) -> torch.Tensor:
+    """[B, T - 1] bool: column t + 1 of a row is padding right after a real token at t (real: [B, T], 0 = padding);
+    a cache stores a block only as padding, then real tokens."""
+    return (real[:, 1:] == 0) & (real[:, :-1] != 0)
+
+
 class HeadKVCache(Cache):
     """A ragged per-head KV cache driven by a `Profile`; created by a patched model's forward.
 
@@ -212,7 +218,7 @@ class HeadKVCache(Cache):
                 )
         counted = seen[:, None] + torch.cumsum(real, dim=1) - 1
         positions = torch.where(real.bool(), counted, torch.full_like(counted, -1))
-        after_real = (real[:, 1:] == 0) & (real[:, :-1] != 0)
+        after_real = padding_after_real(real)
         if bool(after_real.any()):
             row, col = (int(i) for i in after_real.nonzero()[0])
             raise ValueError(

@@ -15,7 +15,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb, rotate_half
 
-from headkv_engine.cache import HeadKVCache
+from headkv_engine.cache import HeadKVCache, padding_after_real
 
 
 def base_model(model):
@@ -129,9 +129,7 @@ def model_forward(
         else:
             new_mask = real[:, -tokens:].long().to("cpu")
     order = None
-    if new_mask is not None and new_mask.shape == (batch, tokens) and bool(
-        ((new_mask[:, 1:] == 0) & (new_mask[:, :-1] != 0)).any()
-    ):
+    if new_mask is not None and new_mask.shape == (batch, tokens) and bool(padding_after_real(new_mask).any()):
         # Padding after a real token (a right-padded batch, a new turn padded on the right): the cache stores a
         # block as padding, then consecutive positions. The columns are reordered so, padding first and real
         # tokens in their order (a token sees the same keys: padding is invisible), and put back at the end.
