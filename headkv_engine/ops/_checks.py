@@ -115,9 +115,6 @@ def check_kernel_inputs(kind: str, *tensors) -> None:
                          "torch.no_grad() (inference), or use backend='torch' (training)")
 
 
-check_no_grad = check_kernel_inputs  # (the name the dispatchers call it by)
-
-
 def gather_slots(pool: torch.Tensor, base: torch.Tensor, length: torch.Tensor):
     """Rows base..base+length of `pool` for every (sequence, head), padded: ([B, H, L, ...], valid [B, H, L])."""
     max_len = int(length.max()) if length.numel() else 0

@@ -21,7 +21,7 @@ from headkv_engine.ops._checks import (
     FLOAT_DTYPES,
     check_block_positions,
     check_index,
-    check_no_grad,
+    check_kernel_inputs,
     check_pools,
     check_tensor,
     rows_checked_here,
@@ -87,7 +87,7 @@ def append(k_pool, v_pool, pos_pool, base, k, v, positions, sink_size, window_si
             raise ValueError(f"{name} must be contiguous: append writes it in place")
     check_block_positions(positions)
     kind = resolve_backend(backend, k.device)
-    check_no_grad(kind, k, v, k_pool, v_pool)
+    check_kernel_inputs(kind, k, v, k_pool, v_pool)
     if tokens == 0:
         return
     if rows_checked_here(kind, k.device):

@@ -22,7 +22,7 @@ from headkv_engine.ops._checks import (
     FLOAT_DTYPES,
     check_fill,
     check_index,
-    check_no_grad,
+    check_kernel_inputs,
     check_pools,
     check_rows_in_pools,
     check_tensor,
@@ -88,7 +88,7 @@ def decode_attention(
         check_index("sink_size", sink_size, (heads,), q.device)
     check_fill(fill, heads, head_dim, q.device)
     kind = resolve_backend(backend, q.device)
-    check_no_grad(kind, q, k_pool, v_pool, q_sink)
+    check_kernel_inputs(kind, q, k_pool, v_pool, q_sink)
     if rows_checked_here(kind, q.device):
         check_rows_in_pools(base, length, k_pool.shape[0])
     if max_length is not None and q.device.type == "cpu" and length.numel() and int(length.max()) > max_length:

@@ -23,7 +23,7 @@ from headkv_engine.ops._checks import (
     check_block_positions,
     check_fill,
     check_index,
-    check_no_grad,
+    check_kernel_inputs,
     check_pools,
     check_rows_in_pools,
     check_tensor,
@@ -105,7 +105,7 @@ def prefill_attention(
     check_fill(fill, heads, head_dim, q.device)
     check_block_positions(positions)
     kind = resolve_backend(backend, q.device)
-    check_no_grad(kind, q, k, v, k_pool, v_pool, q_sink)
+    check_kernel_inputs(kind, q, k, v, k_pool, v_pool, q_sink)
     if rows_checked_here(kind, q.device):
         check_rows_in_pools(base, length, k_pool.shape[0])
     if tokens == 0:

@@ -22,7 +22,7 @@ import torch
 
 from headkv_engine.backends import resolve_backend
 from headkv_engine.kernel_sources import triton_launcher
-from headkv_engine.ops._checks import FLOAT_DTYPES, check_no_grad, check_tensor
+from headkv_engine.ops._checks import FLOAT_DTYPES, check_kernel_inputs, check_tensor
 
 RELATIVE_BINS = 64
 SINK_SIZES = (1, 2, 4, 8, 16)
@@ -124,7 +124,7 @@ def head_statistics(q, k, q_start=0, *, scale, sink_size=4, local_window=8, rece
         raise ValueError(f"recent_ratio must be in [0, 1], got {recent_ratio}")
     min_query = sink_size + local_window if min_query is None else min_query
     kind = resolve_backend(backend, q.device)
-    check_no_grad(kind, q, k)
+    check_kernel_inputs(kind, q, k)
     if kind == "torch":
         return head_statistics_reference(q, k, q_start, scale=scale, sink_size=sink_size, local_window=local_window,
                                          recent_ratio=recent_ratio, min_query=min_query)
